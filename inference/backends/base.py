@@ -1,0 +1,52 @@
+"""The engine interface every backend implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from inference.types import Completion, GenerationRequest
+
+
+class Engine(abc.ABC):
+    """An inference engine.
+
+    ``generate`` takes a batch and returns exactly one outcome per request, in order: a
+    :class:`Completion`, or the exception that belongs to that request alone. Raising from
+    ``generate`` means the whole batch failed; the batcher then retries the requests one by
+    one so a single bad request cannot fail its batch-mates.
+    """
+
+    #: Name requests ask for (``InferenceRequest.model``).
+    model_name: str
+    #: Version recorded on every result.
+    model_version: str
+    #: Largest batch the engine runs at once (its capacity).
+    max_batch_size: int = 16
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights and warm up. Called once before the first batch."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Release the model and any threads or devices."""
+
+    @abc.abstractmethod
+    def encode_prompt(self, prompt: str, *, system: str | None, raw: bool) -> list[int]:
+        """Token ids the model will see for this prompt (chat template applied unless raw)."""
+
+    @abc.abstractmethod
+    async def generate(
+        self, batch: Sequence[GenerationRequest]
+    ) -> list[Completion | BaseException]:
+        """Run one batch; one outcome per request, in order."""
+
+    @property
+    def is_healthy(self) -> bool:
+        """False once the engine hit an error it cannot recover from."""
+        return self.dead_error is None
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return None

@@ -1,0 +1,107 @@
+"""The one settings object. Read once at the entry point, passed down, never global.
+
+Every field comes from an environment variable with the ``SLUICE_`` prefix (for example
+``SLUICE_KAFKA_BOOTSTRAP``) or from a ``.env``-style file named by ``SLUICE_ENV_FILE``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Sluice configuration. Frozen: build a new one with ``model_copy(update=...)``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_",
+        env_file=os.environ.get("SLUICE_ENV_FILE"),
+        frozen=True,
+        extra="ignore",
+    )
+
+    # --- where state lives -------------------------------------------------------------
+    home: Path = Field(Path(".sluice"), description="Local state: broker, model cache, logs.")
+
+    # --- Kafka -----------------------------------------------------------------------
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port[,host:port]. Unset: the local broker from `sluice kafka up`."
+    )
+    kafka_version: str = Field("4.4.0", description="Apache Kafka version of the local broker.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    schema_registry_url: str | None = Field(
+        None, description="Confluent Schema Registry. Unset: ids from the local .avsc catalog."
+    )
+
+    app_id: str = Field("sluice", description="Faust app id = the workers' consumer group.")
+    requests_topic: str = "llm.requests"
+    results_topic: str = "llm.results"
+    dlq_topic: str = "llm.requests.dlq"
+    feedback_topic: str = "llm.feedback"
+    training_topic: str = "llm.training-examples"
+    metrics_topic: str = "llm.metrics"
+    control_topic: str = "llm.control"
+    partitions: int = Field(4, ge=1, description="Partitions of llm.requests (and results).")
+    replication_factor: int = Field(1, ge=1)
+
+    # --- model -------------------------------------------------------------------------
+    backend: Literal["torch"] = "torch"
+    model_name: str = Field("smollm2-135m-instruct", description="Name requests may ask for.")
+    model_path: Path | None = Field(
+        None, description="A local Hugging Face causal-LM folder. Unset: SmolLM2-135M-Instruct."
+    )
+    model_version: str | None = Field(None, description="Unset: derived from the weights.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, description="Unset: torch's default.")
+
+    # --- admission and batching -----------------------------------------------------------
+    max_prompt_chars: int = Field(16_000, ge=1)
+    max_prompt_tokens: int = Field(1_024, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    batch_max_size: int = Field(16, ge=1)
+    batch_max_tokens: int = Field(8_192, ge=1, description="prompt + max_new_tokens per batch.")
+    batch_max_wait_ms: float = Field(20.0, ge=0)
+    max_inflight: int = Field(256, ge=1, description="Accepted but unanswered requests.")
+    dedup_capacity: int = Field(200_000, ge=0, description="Answered request_ids remembered.")
+    commit_interval_ms: float = Field(200.0, gt=0)
+
+    # --- worker ---------------------------------------------------------------------------
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name on results and metrics.",
+    )
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics; 0 picks a free port.")
+    log_level: str = "INFO"
+
+    def kafka_client_options(self) -> dict[str, Any]:
+        """Security options for aiokafka clients (empty for PLAINTEXT)."""
+        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            opts["sasl_plain_username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            opts["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_cafile or self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(
+                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
+            )
+        return opts
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
