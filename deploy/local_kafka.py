@@ -306,9 +306,7 @@ class LocalKafka:
             },
         )
         try:
-            self._wait_ready(
-                proc.pid, port, started + timeout, started=True, log_offset=log_offset
-            )
+            self._wait_ready(proc.pid, port, started + timeout, started=True, log_offset=log_offset)
         except BaseException:
             self._kill(proc.pid, grace=0.0)
             self._forget_process()
@@ -325,6 +323,7 @@ class LocalKafka:
     def _wait_ready(
         self, pid: int, port: int, deadline: float, *, started: bool, log_offset: int = 0
     ) -> None:
+        waited_from = time.monotonic()
         last_error = "no answer yet"
         while True:
             if not self._alive(pid):
@@ -339,8 +338,8 @@ class LocalKafka:
                 what = "started" if started else "running"
                 raise LocalKafkaError(
                     f"the {what} Kafka broker (pid {pid}) did not answer on 127.0.0.1:{port} "
-                    f"within the timeout ({last_error}); see {self.log_file}"
-                    + self._log_tail_block(log_offset)
+                    f"within {time.monotonic() - waited_from:.0f} s ({last_error}); "
+                    f"see {self.log_file}" + self._log_tail_block(log_offset)
                 )
             try:
                 probe_broker("127.0.0.1", port, timeout=min(2.0, max(remaining, 0.1)))

@@ -1,0 +1,78 @@
+"""Starting and stopping a worker process (for the demo, the bench and the tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+
+class WorkerProcess:
+    """A ``sluice worker`` child process with its log in a file."""
+
+    def __init__(self, log_file: Path, env: Mapping[str, str] | None = None) -> None:
+        self.log_file = log_file
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "connectors.cli", "worker"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no final commit (what a crash looks like)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM, wait for a clean shutdown, SIGKILL if it takes longer than ``timeout``."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def wait_for_log(self, needle: str, timeout: float) -> bool:
+        """Wait until ``needle`` appears in the log (or the process exits)."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            with contextlib.suppress(OSError):
+                if needle in self.log_file.read_text(errors="replace"):
+                    return True
+            if not self.alive():
+                return False
+            time.sleep(0.2)
+        return False

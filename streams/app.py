@@ -1,0 +1,107 @@
+"""The Faust app factory. No app exists until :func:`build_app` is called."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from typing import Any
+
+import faust
+from mode import Service
+
+from streams.pipeline import IntakePipeline
+from streams.records import SourceRecord
+from streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def faust_app(settings: Settings, bootstrap: str, *, web_port: int) -> faust.App:
+    """A Faust app configured for Sluice: raw bytes on the wire (we decode Avro ourselves,
+    so a bad record becomes a dead letter instead of crashing the agent), manual acks,
+    and the web server bound to loopback on a port we chose (FAUST_NOTES #4)."""
+    datadir = (settings.home / "faust").resolve()
+    datadir.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        settings.app_id,
+        broker=[f"kafka://{b.strip()}" for b in bootstrap.split(",")],
+        broker_credentials=_credentials(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        autodiscover=False,
+        store="memory://",
+        datadir=str(datadir),
+        web_enabled=False,
+        web_host="127.0.0.1",
+        web_port=web_port,
+        stream_wait_empty=False,  # our own watermarks decide what is committed
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,  # streams.topics creates them with their configs
+        broker_commit_livelock_soft_timeout=3600.0,
+    )
+
+
+def build_app(
+    settings: Settings, pipeline: IntakePipeline, bootstrap: str, *, web_port: int
+) -> faust.App:
+    """The worker's app: the intake agent feeding ``pipeline``, plus its lifecycle."""
+    app = faust_app(settings, bootstrap, web_port=web_port)
+    requests = app.topic(
+        settings.requests_topic,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+    )
+
+    @app.agent(requests, name="sluice.intake")
+    async def intake(stream: faust.StreamT) -> None:
+        await pipeline.ready.wait()
+        async for event in stream.noack().events():
+            message = event.message
+            await pipeline.handle(
+                SourceRecord(
+                    tp=message.tp,
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    key=message.key,
+                    value=message.value,
+                    timestamp_ms=int((message.timestamp or 0) * 1000),
+                )
+            )
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app: faust.App, revoked: set[Hashable], **_: Any) -> None:
+        await pipeline.on_partitions_revoked(revoked)
+
+    async def commit(offsets: dict[Hashable, int]) -> bool:
+        # Faust's own ack-based commit is bypassed (noack stream): we hand it our
+        # watermarks. _commit_offsets skips partitions no longer assigned to us.
+        return bool(await app.consumer._commit_offsets(offsets))
+
+    class PipelineService(Service):
+        """Starts the pipeline once Faust's producer and consumer exist; drains it first
+        on shutdown (runtime dependencies stop before the consumer and producer)."""
+
+        async def on_start(self) -> None:
+            await pipeline.start(app.producer, commit)
+
+        async def on_stop(self) -> None:
+            await pipeline.stop()
+
+    app.service(PipelineService)
+    return app
+
+
+def _credentials(settings: Settings) -> Any:
+    if settings.kafka_sasl_mechanism and settings.kafka_sasl_username:
+        password = settings.kafka_sasl_password
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=password.get_secret_value() if password else "",
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    return None

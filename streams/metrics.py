@@ -1,0 +1,77 @@
+"""Prometheus metrics of a worker, on an injected registry (never the global one)."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics:
+    """The metric names of DESIGN.md, prefixed ``sluice_``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests_total = Counter(
+            "sluice_requests_total", "Requests answered, by status.", ["model", "status"],
+            registry=registry,
+        )
+        self.request_latency_seconds = Histogram(
+            "sluice_request_latency_seconds", "Latency per stage.", ["stage"],
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.tokens_total = Counter(
+            "sluice_tokens_total", "Tokens processed.", ["direction"], registry=registry
+        )
+        self.batch_size = Histogram(
+            "sluice_batch_size", "Requests per engine batch.", buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inflight_requests = Gauge(
+            "sluice_inflight_requests", "Accepted requests not yet answered.", registry=registry
+        )
+        self.dlq_total = Counter(
+            "sluice_dlq_total", "Records dead-lettered, by reason.", ["reason"], registry=registry
+        )
+        self.duplicates_total = Counter(
+            "sluice_duplicates_total", "Requests skipped because already answered.",
+            registry=registry,
+        )
+        self.feedback_score = Histogram(
+            "sluice_feedback_score", "Feedback scores received.", buckets=(-1, 0, 1),
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "sluice_model_info", "Model served (value 1).", ["model", "version"],
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "sluice_consumer_lag", "Records behind the partition end.", ["partition"],
+            registry=registry,
+        )
+        self.commits_total = Counter(
+            "sluice_commits_total", "Offset commits made.", registry=registry
+        )
+        self.publish_retries_total = Counter(
+            "sluice_publish_retries_total", "Result/DLQ sends retried.", registry=registry
+        )
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.request_latency_seconds.labels(stage=stage).observe(max(seconds, 0.0))
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[object, int]:
+    """Start the /metrics HTTP server. Returns the server and the port it bound."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound = server.server_address[1]
+    logger.info("metrics on http://%s:%d/metrics", host, bound)
+    return server, bound

@@ -1,0 +1,314 @@
+"""The intake pipeline: raw Kafka records in, results and dead letters out, offsets committed.
+
+The Faust agent hands every record to :meth:`IntakePipeline.handle`; nothing else in the
+agent. Here a record is decoded, checked against the answered index, admitted, queued in
+the micro-batcher and, when its outcome is ready, published. Its offset is marked finished
+only when the broker has acknowledged its result or dead letter; a commit loop moves each
+partition's committed offset up to its lowest unfinished offset (:mod:`streams.watermarks`).
+So a crash at any point loses nothing: what was not committed is read again, and what was
+already answered is recognised by request_id and not answered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from inference.backends.base import Engine
+from inference.batcher import MicroBatcher
+from inference.errors import InvalidRequestError
+from inference.types import BatchOutcome, Completion, GenerationRequest
+from schemas.codec import AvroCodec
+from schemas.errors import SchemaError
+from streams.admission import Admission, AdmissionLimits
+from streams.dedup import AnsweredIndex
+from streams.metrics import WorkerMetrics
+from streams.records import SourceRecord, dead_letter, now_ms, result_record
+from streams.settings import Settings
+from streams.watermarks import OffsetWatermarks
+
+logger = logging.getLogger(__name__)
+
+Committer = Callable[[dict[Hashable, int]], Awaitable[bool]]
+
+
+class Producer(Protocol):
+    """What the pipeline needs from a Kafka producer (Faust's and aiokafka's both fit)."""
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+        timestamp: float | None, headers: Any,
+    ) -> Awaitable[Any]: ...
+
+
+@dataclass
+class _Outgoing:
+    """One record to publish and the source records it answers."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    sources: list[SourceRecord]
+    request_id: str | None = None  # set for results: goes into the answered index
+    attempts: int = 0
+    on_delivered: list[Callable[[], None]] = field(default_factory=list)
+
+
+class IntakePipeline:
+    """Everything between a raw ``llm.requests`` record and its published answer."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        codec: AvroCodec,
+        metrics: WorkerMetrics,
+        answered: AnsweredIndex,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.codec = codec
+        self.metrics = metrics
+        self.answered = answered
+        self.watermarks = OffsetWatermarks()
+        self.admission = Admission(
+            AdmissionLimits(
+                settings.max_prompt_chars,
+                settings.max_prompt_tokens,
+                settings.max_new_tokens_limit,
+            ),
+            served_models=lambda: {engine.model_name},
+            encode=lambda p, s, r: engine.encode_prompt(p, system=s, raw=r),
+        )
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            max_batch_size=settings.batch_max_size,
+            max_batch_tokens=settings.batch_max_tokens,
+            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            max_queue=settings.max_inflight,
+        )
+        self._slots = asyncio.Semaphore(settings.max_inflight)
+        self._inflight: dict[str, list[SourceRecord]] = {}
+        self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
+        self._producer: Producer | None = None
+        self._committer: Committer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unfinished = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.ready = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, producer: Producer, committer: Committer) -> None:
+        self._producer = producer
+        self._committer = committer
+        self.metrics.model_info.labels(
+            model=self.engine.model_name, version=self.engine.model_version
+        ).set(1)
+        await self.batcher.start()
+        self._tasks = [
+            asyncio.create_task(self._publish_loop(), name="sluice-publisher"),
+            asyncio.create_task(self._commit_loop(), name="sluice-committer"),
+        ]
+        self.ready.set()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Finish what was accepted (bounded by ``timeout``), commit, stop the loops."""
+        self.ready.clear()
+        await self.batcher.stop()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.warning("stopping with %d requests unanswered", self._unfinished)
+        await self.commit_now()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # -- intake ------------------------------------------------------------------------
+    async def handle(self, source: SourceRecord) -> None:
+        """Take one record. Waits while ``max_inflight`` requests are unanswered."""
+        await self._slots.acquire()
+        self._unfinished += 1
+        self._idle.clear()
+        self.watermarks.track(source.tp, source.offset)
+        self.metrics.inflight_requests.inc()
+        read_ms = now_ms()
+        try:
+            _, record = self.codec.decode(source.value, expected="InferenceRequest")
+        except SchemaError as exc:
+            self._dead_letter(source, exc.reason_code, str(exc), request_id=None)
+            return
+        request_id = record["request_id"]
+        if request_id in self.answered:
+            self.metrics.duplicates_total.inc()
+            self._finish([source])
+            return
+        if request_id in self._inflight:  # same request twice in the stream: answer once
+            self.metrics.duplicates_total.inc()
+            self._inflight[request_id].append(source)
+            return
+        try:
+            request = self.admission.admit(record, source.timestamp_ms)
+        except InvalidRequestError as exc:
+            self._dead_letter(source, exc.reason_code, str(exc), request_id=request_id)
+            return
+        except Exception as exc:  # a tokenizer or other surprise: still one answer
+            logger.exception("admission failed for %s", request_id)
+            self._dead_letter(source, "invalid_request", f"admission failed: {exc}", request_id)
+            return
+        self._inflight[request_id] = [source]
+        created_ms = record.get("created_at") or source.timestamp_ms or read_ms
+        self.metrics.observe_stage("queue", (read_ms - created_ms) / 1000.0)
+        context = (request_id, created_ms, read_ms)
+        if request.deadline is not None and request.deadline <= time.monotonic():
+            self._publish_result(context, None, expired=True)
+            return
+        future = await self.batcher.submit(request)
+        future.add_done_callback(lambda f: self._on_outcome(context, f))
+
+    # -- engine ------------------------------------------------------------------------
+    async def _run_batch(
+        self, batch: Sequence[GenerationRequest]
+    ) -> list[Completion | BaseException]:
+        self.metrics.batch_size.observe(len(batch))
+        return await self.engine.generate(batch)
+
+    def _on_outcome(self, context: tuple[str, int, int], future: asyncio.Future) -> None:
+        if future.cancelled():
+            outcome = BatchOutcome(None, RuntimeError("cancelled"), 0, 0.0, 0.0)
+        else:
+            outcome = future.result()
+        self._publish_result(context, outcome)
+
+    # -- output ------------------------------------------------------------------------
+    def _publish_result(
+        self, context: tuple[str, int, int], outcome: BatchOutcome | None, expired: bool = False
+    ) -> None:
+        request_id, created_ms, read_ms = context
+        record = result_record(
+            request_id=request_id,
+            model=self.engine.model_name,
+            model_version=self.engine.model_version,
+            outcome=outcome,
+            created_ms=created_ms,
+            read_ms=read_ms,
+            worker=self.settings.worker_id,
+            expired=expired,
+        )
+        self._record_metrics(record, outcome)
+        sources = self._inflight.get(request_id, [])
+        self._outbox.put_nowait(
+            _Outgoing(
+                self.settings.results_topic,
+                request_id.encode(),
+                self.codec.encode("InferenceResult", record),
+                sources,
+                request_id=request_id,
+            )
+        )
+
+    def _dead_letter(
+        self, source: SourceRecord, code: str, reason: str, request_id: str | None
+    ) -> None:
+        self.metrics.dlq_total.labels(reason=code).inc()
+        logger.info("dead-lettering %s/%d@%d: %s", source.topic, source.partition,
+                    source.offset, reason)
+        record = dead_letter(
+            source, code, reason, request_id=request_id, worker=self.settings.worker_id
+        )
+        self._outbox.put_nowait(
+            _Outgoing(
+                self.settings.dlq_topic,
+                source.key,
+                self.codec.encode("DeadLetter", record),
+                [source],
+            )
+        )
+
+    def _record_metrics(self, record: dict[str, Any], outcome: BatchOutcome | None) -> None:
+        m = self.metrics
+        m.requests_total.labels(model=record["model"], status=record["status"]).inc()
+        timings = record["timings"]
+        m.observe_stage("total", timings["total_ms"] / 1000.0)
+        if outcome is not None and not outcome.expired:
+            m.observe_stage("batch_wait", outcome.batch_wait_s)
+            m.observe_stage("inference", outcome.inference_s)
+        m.tokens_total.labels(direction="prompt").inc(record["prompt_tokens"])
+        m.tokens_total.labels(direction="completion").inc(record["completion_tokens"])
+
+    async def _publish_loop(self) -> None:
+        assert self._producer is not None
+        while True:
+            item = await self._outbox.get()
+            try:
+                delivery = await self._producer.send(
+                    item.topic, item.key, item.value, None, None, None
+                )
+            except Exception as exc:
+                self._retry(item, exc)
+                continue
+            asyncio.ensure_future(delivery).add_done_callback(
+                lambda f, item=item: self._on_delivery(item, f)
+            )
+
+    def _on_delivery(self, item: _Outgoing, delivery: asyncio.Future) -> None:
+        error = delivery.exception() if not delivery.cancelled() else RuntimeError("cancelled")
+        if error is not None:
+            self._retry(item, error)
+            return
+        if item.request_id is not None:
+            self.answered.add(item.request_id)
+            self._inflight.pop(item.request_id, None)
+        self._finish(item.sources)
+
+    def _retry(self, item: _Outgoing, error: BaseException) -> None:
+        """A send failed: keep the offset unfinished and try again with backoff."""
+        item.attempts += 1
+        self.metrics.publish_retries_total.inc()
+        delay = min(0.1 * 2 ** min(item.attempts, 8), 10.0)
+        logger.warning("send to %s failed (%s); retry %d in %.1fs", item.topic, error,
+                       item.attempts, delay)
+        asyncio.get_running_loop().call_later(delay, self._outbox.put_nowait, item)
+
+    def _finish(self, sources: list[SourceRecord]) -> None:
+        for source in sources:
+            self.watermarks.finish(source.tp, source.offset)
+            self._slots.release()
+            self._unfinished -= 1
+            self.metrics.inflight_requests.dec()
+        if self._unfinished == 0:
+            self._idle.set()
+
+    # -- commits -----------------------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        interval = self.settings.commit_interval_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.commit_now()
+            except Exception:
+                logger.exception("offset commit failed; will retry")
+
+    async def commit_now(self) -> dict[Hashable, int]:
+        """Commit every partition's watermark that moved. Returns what was committed."""
+        offsets = self.watermarks.committable()
+        if not offsets or self._committer is None:
+            return {}
+        if await self._committer(offsets):
+            self.watermarks.mark_committed(offsets)
+            self.metrics.commits_total.inc()
+            return offsets
+        return {}
+
+    async def on_partitions_revoked(self, tps: set[Hashable]) -> None:
+        """Before a rebalance takes partitions away: commit what is done, then forget them."""
+        try:
+            await self.commit_now()
+        finally:
+            self.watermarks.forget(tps)

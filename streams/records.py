@@ -1,0 +1,98 @@
+"""Builders for the records the worker writes: results and dead letters."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from inference.types import BatchOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """Where a record came from, and its raw bytes (what a dead letter carries)."""
+
+    tp: Any  # hashable topic-partition of the consumer (faust TP)
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def dead_letter(
+    source: SourceRecord, reason_code: str, reason: str, *, request_id: str | None, worker: str
+) -> dict[str, Any]:
+    return {
+        "reason_code": reason_code,
+        "reason": reason,
+        "source_topic": source.topic,
+        "source_partition": source.partition,
+        "source_offset": source.offset,
+        "original_key": source.key,
+        "original_value": source.value,
+        "request_id": request_id,
+        "worker": worker,
+        "created_at": now_ms(),
+    }
+
+
+def result_record(
+    *,
+    request_id: str,
+    model: str,
+    model_version: str,
+    outcome: BatchOutcome | None,
+    created_ms: int,
+    read_ms: int,
+    worker: str,
+    expired: bool = False,
+) -> dict[str, Any]:
+    """An ``InferenceResult`` for a request that ran, failed or expired."""
+    finished_ms = now_ms()
+    record: dict[str, Any] = {
+        "request_id": request_id,
+        "model": model,
+        "model_version": model_version,
+        "status": "OK",
+        "text": "",
+        "finish_reason": None,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "timings": {
+            "queue_ms": float(max(read_ms - created_ms, 0)),
+            "batch_wait_ms": outcome.batch_wait_s * 1000.0 if outcome else 0.0,
+            "inference_ms": outcome.inference_s * 1000.0 if outcome else 0.0,
+            "total_ms": float(max(finished_ms - created_ms, 0)),
+        },
+        "batch_size": outcome.batch_size if outcome else 0,
+        "worker": worker,
+        "error": None,
+        "created_at": finished_ms,
+    }
+    if expired or (outcome is not None and outcome.expired):
+        record.update(status="EXPIRED", finish_reason="expired", error="deadline passed")
+    elif outcome is not None and outcome.completion is not None:
+        c = outcome.completion
+        record.update(
+            text=c.text,
+            finish_reason=c.finish_reason,
+            prompt_tokens=c.prompt_tokens,
+            completion_tokens=c.completion_tokens,
+        )
+    else:
+        error = outcome.error if outcome is not None else None
+        record.update(status="ERROR", finish_reason="error", error=_describe(error))
+    return record
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    return f"{type(error).__name__}: {error}"
