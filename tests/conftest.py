@@ -1,0 +1,86 @@
+"""Shared fixtures: one real Apache Kafka broker per test session, workers as processes.
+
+Broker choice, in order: ``SLUICE_TEST_BOOTSTRAP`` (an existing cluster), a testcontainers
+Kafka where a Docker daemon answers and ``SLUICE_TEST_DOCKER=1``, else the project's own
+local KRaft broker (``deploy.local_kafka``) in a temporary home.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.local_kafka import default_cache_dir, ephemeral_broker
+from streams.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+STATE = REPO / ".sluice"
+
+
+def _docker_kafka() -> Iterator[str]:  # pragma: no cover - needs a Docker daemon
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer().with_kraft() as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    existing = os.environ.get("SLUICE_TEST_BOOTSTRAP")
+    if existing:
+        yield existing
+        return
+    if os.environ.get("SLUICE_TEST_DOCKER") == "1":
+        yield from _docker_kafka()
+        return
+    home = tmp_path_factory.mktemp("kafka-home")
+    with ephemeral_broker(home, cache_dir=default_cache_dir()) as info:
+        yield info.bootstrap
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The converted SmolLM2 folder (converted once per machine, shared with `make demo`)."""
+    from inference.backends.model_files import resolve_model_dir
+
+    return resolve_model_dir(None, STATE / "models")
+
+
+@pytest.fixture
+def settings_factory(kafka_bootstrap: str):  # type: ignore[no-untyped-def]
+    """Settings on their own topics and consumer group, so tests never see each other."""
+
+    def make(**overrides: object) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        fields: dict[str, object] = {
+            "home": STATE,
+            "kafka_bootstrap": kafka_bootstrap,
+            "app_id": f"sluice-test-{tag}",
+            "requests_topic": f"t{tag}.requests",
+            "results_topic": f"t{tag}.results",
+            "dlq_topic": f"t{tag}.requests.dlq",
+            "feedback_topic": f"t{tag}.feedback",
+            "training_topic": f"t{tag}.training-examples",
+            "metrics_topic": f"t{tag}.metrics",
+            "control_topic": f"t{tag}.control",
+            "metrics_port": 0,
+            "partitions": 4,
+        }
+        fields.update(overrides)
+        return Settings(**fields)  # type: ignore[arg-type]
+
+    return make
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a worker process exactly these settings."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None or name == "worker_id":
+            continue
+        env[f"SLUICE_{name.upper()}"] = str(value)
+    return env
