@@ -18,8 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-kafka_app = typer.Typer(help="The local single-node Apache Kafka broker (KRaft).",
-                        no_args_is_help=True)
+kafka_app = typer.Typer(
+    help="The local single-node Apache Kafka broker (KRaft).", no_args_is_help=True
+)
 app.add_typer(kafka_app, name="kafka")
 console = Console()
 err = Console(stderr=True)
@@ -109,8 +110,13 @@ def send(
         async with SluiceClient(settings) as client:
             started = time.monotonic()
             rid = await client.publish(
-                prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, system=system, stop=stop,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                system=system,
+                stop=stop,
             )
             err.print(f"published {rid}; waiting for the answer…")
             result = await client.result(rid, timeout=timeout)
@@ -153,10 +159,13 @@ def tail(
     settings = _settings()
     count = asyncio.run(
         run_tail(
-            resolve_bootstrap(settings), topic,
+            resolve_bootstrap(settings),
+            topic,
             codec_from_registry_url(settings.schema_registry_url),
             lambda entry: print(format_line(entry), flush=True),
-            from_beginning=from_beginning, limit=limit, follow=follow,
+            from_beginning=from_beginning,
+            limit=limit,
+            follow=follow,
             client_options=settings.kafka_client_options(),
         )
     )
@@ -167,8 +176,9 @@ def tail(
 @app.command()
 def demo(
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", "-n"),
-    keep_running: bool = typer.Option(False, "--keep-running",
-                                      help="Leave the broker and worker it started running."),
+    keep_running: bool = typer.Option(
+        False, "--keep-running", help="Leave the broker and worker it started running."
+    ),
 ) -> None:
     """Start what is missing (broker, worker), send sample prompts, show answers and a summary."""
     from connectors.demo import run_demo

@@ -260,4 +260,3 @@ class SluiceClient:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-

@@ -81,8 +81,14 @@ async def _worker_running(settings: Settings, bootstrap: str) -> bool:
         await admin.close()
 
 
-def run_demo(settings: Settings, console: Console, *, max_new_tokens: int = 48,
-             keep_running: bool = False, timeout_s: float = 600.0) -> DemoReport:
+def run_demo(
+    settings: Settings,
+    console: Console,
+    *,
+    max_new_tokens: int = 48,
+    keep_running: bool = False,
+    timeout_s: float = 600.0,
+) -> DemoReport:
     """Bring up what is missing, send the sample prompts, show answers and a summary."""
     broker = None
     if not settings.kafka_bootstrap:
@@ -102,8 +108,9 @@ def run_demo(settings: Settings, console: Console, *, max_new_tokens: int = 48,
         worker = WorkerProcess(log, env={"SLUICE_KAFKA_BOOTSTRAP": bootstrap}).start()
         console.print(f"Started a worker (pid {worker.pid}, log {log})")
     try:
-        report = asyncio.run(_send_samples(settings, bootstrap, console, worker,
-                                           max_new_tokens, timeout_s))
+        report = asyncio.run(
+            _send_samples(settings, bootstrap, console, worker, max_new_tokens, timeout_s)
+        )
     finally:
         if not keep_running:
             if worker is not None:
@@ -116,9 +123,14 @@ def run_demo(settings: Settings, console: Console, *, max_new_tokens: int = 48,
     return report
 
 
-async def _send_samples(settings: Settings, bootstrap: str, console: Console,
-                        worker: WorkerProcess | None, max_new_tokens: int,
-                        timeout_s: float) -> DemoReport:
+async def _send_samples(
+    settings: Settings,
+    bootstrap: str,
+    console: Console,
+    worker: WorkerProcess | None,
+    max_new_tokens: int,
+    timeout_s: float,
+) -> DemoReport:
     report = DemoReport()
     async with SluiceClient(settings, bootstrap=bootstrap) as client:
         started = time.monotonic()
@@ -129,26 +141,35 @@ async def _send_samples(settings: Settings, bootstrap: str, console: Console,
         # One request that breaks a rule, to show the dead-letter path.
         bad = await client.publish("This asks for zero tokens.", max_new_tokens=0)
         ids[bad] = "This asks for zero tokens."
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                   MofNCompleteColumn(), TextColumn("{task.elapsed:.0f}s"))
+        columns = (
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.elapsed:.0f}s"),
+        )
         with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("Waiting for answers (first run converts the model)",
-                                     total=len(ids))
+            task = progress.add_task(
+                "Waiting for answers (first run converts the model)", total=len(ids)
+            )
 
             async def one(rid: str) -> None:
                 try:
                     result = await client.result(rid, timeout=timeout_s)
-                    report.rows.append({
-                        "prompt": ids[rid],
-                        "text": result["text"],
-                        "status": result["status"],
-                        "latency_ms": result["timings"]["total_ms"],
-                        "completion_tokens": result["completion_tokens"],
-                        "batch_size": result["batch_size"],
-                    })
+                    report.rows.append(
+                        {
+                            "prompt": ids[rid],
+                            "text": result["text"],
+                            "status": result["status"],
+                            "latency_ms": result["timings"]["total_ms"],
+                            "completion_tokens": result["completion_tokens"],
+                            "batch_size": result["batch_size"],
+                        }
+                    )
                 except RequestRejected as exc:
-                    report.rejected.append(f"{ids[rid]!r}: {exc.reason_code}: "
-                                           f"{exc.dead_letter['reason']}")
+                    report.rejected.append(
+                        f"{ids[rid]!r}: {exc.reason_code}: {exc.dead_letter['reason']}"
+                    )
                 progress.advance(task)
                 progress.update(task, description="Answers")
 
@@ -173,8 +194,13 @@ def _print_report(console: Console, report: DemoReport) -> None:
     table.add_column("batch", justify="right")
     for row in sorted(report.rows, key=lambda r: r["latency_ms"]):
         answer = row["text"].strip() or f"({row['status']})"
-        table.add_row(row["prompt"], answer, f"{row['latency_ms']:.0f}",
-                      str(row["completion_tokens"]), str(row["batch_size"]))
+        table.add_row(
+            row["prompt"],
+            answer,
+            f"{row['latency_ms']:.0f}",
+            str(row["completion_tokens"]),
+            str(row["batch_size"]),
+        )
     console.print(table)
     for line in report.rejected:
         console.print(f"[yellow]dead-lettered[/] {line}")

@@ -61,7 +61,9 @@ async def tail(
 ) -> int:
     """Print records of ``topic``; returns how many. Never joins a consumer group."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
         **(client_options or {}),
     )
     await consumer.start()

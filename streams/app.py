@@ -82,12 +82,18 @@ def build_app(
         # watermarks. _commit_offsets skips partitions no longer assigned to us.
         return bool(await app.consumer._commit_offsets(offsets))
 
+    def highwater(tp: Hashable) -> int | None:
+        try:
+            return int(app.consumer.highwater(tp))
+        except Exception:  # partition not (or no longer) assigned
+            return None
+
     class PipelineService(Service):
         """Starts the pipeline once Faust's producer and consumer exist; drains it first
         on shutdown (runtime dependencies stop before the consumer and producer)."""
 
         async def on_start(self) -> None:
-            await pipeline.start(app.producer, commit)
+            await pipeline.start(app.producer, commit, highwater)
 
         async def on_stop(self) -> None:
             await pipeline.stop()

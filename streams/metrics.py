@@ -9,7 +9,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -20,18 +35,25 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests_total = Counter(
-            "sluice_requests_total", "Requests answered, by status.", ["model", "status"],
+            "sluice_requests_total",
+            "Requests answered, by status.",
+            ["model", "status"],
             registry=registry,
         )
         self.request_latency_seconds = Histogram(
-            "sluice_request_latency_seconds", "Latency per stage.", ["stage"],
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            "sluice_request_latency_seconds",
+            "Latency per stage.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.tokens_total = Counter(
             "sluice_tokens_total", "Tokens processed.", ["direction"], registry=registry
         )
         self.batch_size = Histogram(
-            "sluice_batch_size", "Requests per engine batch.", buckets=_BATCH_BUCKETS,
+            "sluice_batch_size",
+            "Requests per engine batch.",
+            buckets=_BATCH_BUCKETS,
             registry=registry,
         )
         self.inflight_requests = Gauge(
@@ -41,19 +63,26 @@ class WorkerMetrics:
             "sluice_dlq_total", "Records dead-lettered, by reason.", ["reason"], registry=registry
         )
         self.duplicates_total = Counter(
-            "sluice_duplicates_total", "Requests skipped because already answered.",
+            "sluice_duplicates_total",
+            "Requests skipped because already answered.",
             registry=registry,
         )
         self.feedback_score = Histogram(
-            "sluice_feedback_score", "Feedback scores received.", buckets=(-1, 0, 1),
+            "sluice_feedback_score",
+            "Feedback scores received.",
+            buckets=(-1, 0, 1),
             registry=registry,
         )
         self.model_info = Gauge(
-            "sluice_model_info", "Model served (value 1).", ["model", "version"],
+            "sluice_model_info",
+            "Model served (value 1).",
+            ["model", "version"],
             registry=registry,
         )
         self.consumer_lag = Gauge(
-            "sluice_consumer_lag", "Records behind the partition end.", ["partition"],
+            "sluice_consumer_lag",
+            "Records behind the partition end.",
+            ["partition"],
             registry=registry,
         )
         self.commits_total = Counter(

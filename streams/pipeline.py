@@ -34,14 +34,20 @@ from streams.watermarks import OffsetWatermarks
 logger = logging.getLogger(__name__)
 
 Committer = Callable[[dict[Hashable, int]], Awaitable[bool]]
+Highwater = Callable[[Hashable], int | None]
 
 
 class Producer(Protocol):
     """What the pipeline needs from a Kafka producer (Faust's and aiokafka's both fit)."""
 
     async def send(
-        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-        timestamp: float | None, headers: Any,
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
     ) -> Awaitable[Any]: ...
 
 
@@ -96,6 +102,8 @@ class IntakePipeline:
         self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
         self._producer: Producer | None = None
         self._committer: Committer | None = None
+        self._highwater: Highwater | None = None
+        self._positions: dict[Hashable, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._unfinished = 0
         self._idle = asyncio.Event()
@@ -103,9 +111,12 @@ class IntakePipeline:
         self.ready = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def start(self, producer: Producer, committer: Committer) -> None:
+    async def start(
+        self, producer: Producer, committer: Committer, highwater: Highwater | None = None
+    ) -> None:
         self._producer = producer
         self._committer = committer
+        self._highwater = highwater
         self.metrics.model_info.labels(
             model=self.engine.model_name, version=self.engine.model_version
         ).set(1)
@@ -137,6 +148,7 @@ class IntakePipeline:
         self._unfinished += 1
         self._idle.clear()
         self.watermarks.track(source.tp, source.offset)
+        self._positions[source.tp] = source.offset + 1
         self.metrics.inflight_requests.inc()
         read_ms = now_ms()
         try:
@@ -217,8 +229,9 @@ class IntakePipeline:
         self, source: SourceRecord, code: str, reason: str, request_id: str | None
     ) -> None:
         self.metrics.dlq_total.labels(reason=code).inc()
-        logger.info("dead-lettering %s/%d@%d: %s", source.topic, source.partition,
-                    source.offset, reason)
+        logger.info(
+            "dead-lettering %s/%d@%d: %s", source.topic, source.partition, source.offset, reason
+        )
         record = dead_letter(
             source, code, reason, request_id=request_id, worker=self.settings.worker_id
         )
@@ -272,8 +285,9 @@ class IntakePipeline:
         item.attempts += 1
         self.metrics.publish_retries_total.inc()
         delay = min(0.1 * 2 ** min(item.attempts, 8), 10.0)
-        logger.warning("send to %s failed (%s); retry %d in %.1fs", item.topic, error,
-                       item.attempts, delay)
+        logger.warning(
+            "send to %s failed (%s); retry %d in %.1fs", item.topic, error, item.attempts, delay
+        )
         asyncio.get_running_loop().call_later(delay, self._outbox.put_nowait, item)
 
     def _finish(self, sources: list[SourceRecord]) -> None:
@@ -294,6 +308,16 @@ class IntakePipeline:
                 await self.commit_now()
             except Exception:
                 logger.exception("offset commit failed; will retry")
+            self._update_lag()
+
+    def _update_lag(self) -> None:
+        if self._highwater is None:
+            return
+        for tp, position in list(self._positions.items()):
+            end = self._highwater(tp)
+            if end is not None:
+                partition = getattr(tp, "partition", tp)
+                self.metrics.consumer_lag.labels(partition=str(partition)).set(end - position)
 
     async def commit_now(self) -> dict[Hashable, int]:
         """Commit every partition's watermark that moved. Returns what was committed."""
@@ -312,3 +336,5 @@ class IntakePipeline:
             await self.commit_now()
         finally:
             self.watermarks.forget(tps)
+            for tp in tps:
+                self._positions.pop(tp, None)

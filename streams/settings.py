@@ -33,9 +33,7 @@ class Settings(BaseSettings):
         None, description="host:port[,host:port]. Unset: the local broker from `sluice kafka up`."
     )
     kafka_version: str = Field("4.4.0", description="Apache Kafka version of the local broker.")
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None

@@ -34,8 +34,9 @@ def run_worker(settings: Settings) -> None:
     pipeline = loop.run_until_complete(_prepare(settings, bootstrap))
     app = build_app(settings, pipeline, bootstrap, web_port=_free_port())
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level)
-    logger.info("worker %s consuming %s from %s", settings.worker_id, settings.requests_topic,
-                bootstrap)
+    logger.info(
+        "worker %s consuming %s from %s", settings.worker_id, settings.requests_topic, bootstrap
+    )
     worker.execute_from_commandline()
 
 
@@ -44,7 +45,9 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
     engine = build_engine(settings)
     await engine.start()
     answered = await load_answered(
-        bootstrap, settings.results_topic, settings.dedup_capacity,
+        bootstrap,
+        settings.results_topic,
+        settings.dedup_capacity,
         settings.kafka_client_options(),
     )
     logger.info("answered index: %d request ids from %s", len(answered), settings.results_topic)

@@ -19,7 +19,7 @@ from typing import Any
 
 from inference.backends.base import Engine
 from inference.errors import EngineError
-from inference.types import Completion, GenerationRequest
+from inference.types import Completion, GenerationRequest, Sampling
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +88,24 @@ class TorchEngine(Engine):
         self._eos_ids = self._end_token_ids()
         pad = self._tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
+        self._warm_up()
         logger.info(
             "loaded %s (%s) on %s/%s; end tokens %s",
-            self.model_name, self.model_version, self.device, self.dtype, sorted(self._eos_ids),
+            self.model_name,
+            self.model_version,
+            self.device,
+            self.dtype,
+            sorted(self._eos_ids),
         )
+
+    def _warm_up(self) -> None:
+        """One tiny generation, so the first real batch does not pay for lazy init."""
+        import torch
+
+        ids = self.encode_prompt("Hi", system=None, raw=False)
+        warm = GenerationRequest("warm-up", "Hi", Sampling(max_new_tokens=2), prompt_ids=ids)
+        with torch.inference_mode():
+            self._decode([warm])
 
     def _end_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()

@@ -38,8 +38,9 @@ async def read_topic(
     """Decode every record of ``topic`` from the beginning until ``until(records)`` holds
     or ``timeout`` passes. Records carry ``_partition``/``_offset``/``_key``."""
     codec = codec or AvroCodec.default()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False
+    )
     await consumer.start()
     records: list[dict[str, Any]] = []
     try:
@@ -57,8 +58,7 @@ async def read_topic(
             for tp, batch in batches.items():
                 for message in batch:
                     _, value = codec.decode(message.value)
-                    value.update(_partition=tp.partition, _offset=message.offset,
-                                 _key=message.key)
+                    value.update(_partition=tp.partition, _offset=message.offset, _key=message.key)
                     records.append(value)
         return records
     finally:

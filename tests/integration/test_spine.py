@@ -34,8 +34,9 @@ def _distinct(records: list[dict]) -> dict[str, list[dict]]:
 async def _publish_many(client: SluiceClient, n: int, max_new_tokens: int) -> list[str]:
     ids = []
     for i in range(n):
-        record = client.build_request(f"{PROMPTS[i % len(PROMPTS)]} (#{i})",
-                                      max_new_tokens=max_new_tokens)
+        record = client.build_request(
+            f"{PROMPTS[i % len(PROMPTS)]} (#{i})", max_new_tokens=max_new_tokens
+        )
         await client.publish_record(record, wait=False)
         ids.append(record["request_id"])
     await client.flush()
@@ -50,7 +51,9 @@ async def test_200_prompts_get_200_results(settings_factory, model_dir, tmp_path
         async with SluiceClient(settings) as client:
             ids = await _publish_many(client, 200, max_new_tokens=8)
         results = await read_topic(
-            settings, settings.results_topic, timeout=600,
+            settings,
+            settings.results_topic,
+            timeout=600,
             until=lambda rs: len({r["request_id"] for r in rs}) >= 200,
         )
     finally:
@@ -101,8 +104,9 @@ async def test_bad_input_goes_to_the_dlq_and_the_worker_keeps_going(
             good = await client.publish("Name a fruit.", max_new_tokens=8)
             result = await client.result(good, timeout=120)
         assert result["status"] == "OK" and result["text"].strip()
-        dlq = await read_topic(settings, settings.dlq_topic, timeout=60,
-                               until=lambda rs: len(rs) >= len(bad))
+        dlq = await read_topic(
+            settings, settings.dlq_topic, timeout=60, until=lambda rs: len(rs) >= len(bad)
+        )
         await asyncio.sleep(1.0)  # nothing more should arrive
         dlq = await read_topic(settings, settings.dlq_topic, timeout=5, until=lambda rs: False)
     finally:
@@ -127,14 +131,18 @@ async def test_sigkill_halfway_loses_nothing(settings_factory, model_dir, tmp_pa
         async with SluiceClient(settings) as client:
             ids = await _publish_many(client, 200, max_new_tokens=8)
         half = await read_topic(
-            settings, settings.results_topic, timeout=600,
+            settings,
+            settings.results_topic,
+            timeout=600,
             until=lambda rs: len(rs) >= 100,
         )
         assert len(half) >= 100
         worker.kill()  # SIGKILL: no drain, no final commit
         worker = start_worker(settings, tmp_path, "second")
         results = await read_topic(
-            settings, settings.results_topic, timeout=600,
+            settings,
+            settings.results_topic,
+            timeout=600,
             until=lambda rs: len({r["request_id"] for r in rs}) >= 200,
         )
     finally:
