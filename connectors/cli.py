@@ -9,6 +9,7 @@ import time
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from schemas.errors import SluiceError
 from streams.settings import Settings
@@ -126,7 +127,7 @@ def send(
     try:
         result = asyncio.run(go())
     except RequestRejected as exc:
-        err.print(f"[red]rejected[/]: {exc}")
+        err.print(f"[red]rejected[/]: {escape(str(exc))}")
         raise typer.Exit(2) from exc
     except TimeoutError as exc:
         err.print(f"[red]no answer within {timeout:.0f}s[/]: is a worker running?")
@@ -192,7 +193,7 @@ def main() -> None:
     try:
         app()
     except SluiceError as exc:
-        err.print(f"[red]error[/]: {exc}")
+        err.print(f"[red]error[/]: {escape(str(exc))}")
         sys.exit(1)
 
 

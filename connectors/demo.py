@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from connectors.client import RequestRejected, SluiceClient
-from connectors.processes import WorkerProcess
+from connectors.processes import WORKER_READY, WorkerProcess
+from schemas.errors import SluiceError
 from streams.bootstrap import local_kafka
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -32,6 +34,10 @@ SAMPLE_PROMPTS = [
     "List two benefits of regular exercise.",
     "What is the boiling point of water in Celsius?",
 ]
+
+
+class DemoError(SluiceError):
+    """The demo could not run to the end."""
 
 
 @dataclass
@@ -107,6 +113,13 @@ def run_demo(
         log = settings.home / "logs" / "demo-worker.log"
         worker = WorkerProcess(log, env={"SLUICE_KAFKA_BOOTSTRAP": bootstrap}).start()
         console.print(f"Started a worker (pid {worker.pid}, log {log})")
+        with console.status("Waiting for the worker (the first run converts the model, ~30 s)"):
+            if not worker.wait_for_log(WORKER_READY, timeout=timeout_s):
+                tail = worker.log_tail()
+                worker.stop()
+                if broker is not None:
+                    broker.down()
+                raise DemoError(f"the worker did not become ready:\n{tail}")
     try:
         report = asyncio.run(
             _send_samples(settings, bootstrap, console, worker, max_new_tokens, timeout_s)
@@ -171,7 +184,6 @@ async def _send_samples(
                         f"{ids[rid]!r}: {exc.reason_code}: {exc.dead_letter['reason']}"
                     )
                 progress.advance(task)
-                progress.update(task, description="Answers")
 
             waiters = [asyncio.create_task(one(rid)) for rid in ids]
             while not all(w.done() for w in waiters):
@@ -179,7 +191,7 @@ async def _send_samples(
                 if worker is not None and not worker.alive():
                     for w in waiters:
                         w.cancel()
-                    raise RuntimeError(f"the worker exited:\n{worker.log_tail()}")
+                    raise DemoError(f"the worker exited:\n{worker.log_tail()}")
             await asyncio.gather(*waiters)
         report.wall_s = time.monotonic() - started
     return report
@@ -203,7 +215,7 @@ def _print_report(console: Console, report: DemoReport) -> None:
         )
     console.print(table)
     for line in report.rejected:
-        console.print(f"[yellow]dead-lettered[/] {line}")
+        console.print(f"[yellow]dead-lettered[/] {escape(line)}")
     s = report.summary()
     console.print(
         f"[bold]Summary[/]: requests {s['requests']}, answers {s['answers']}, DLQ {s['dlq']}, "

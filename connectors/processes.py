@@ -11,6 +11,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+#: What a Faust worker logs once it has joined the group and got its partitions.
+WORKER_READY = "[^Worker]: Ready"
+
 
 class WorkerProcess:
     """A ``sluice worker`` child process with its log in a file."""

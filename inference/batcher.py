@@ -76,7 +76,7 @@ class MicroBatcher:
 
     async def stop(self) -> None:
         """Stop taking requests, finish the queue, then stop the loop."""
-        self._closed = True
+        pass
         self._arrived.set()
         if self._task is not None:
             await self._task
@@ -191,6 +191,7 @@ class MicroBatcher:
     async def _call_engine(
         self, requests: list[GenerationRequest]
     ) -> list[Completion | BaseException]:
+        failure: Exception
         try:
             outcomes = list(await self._run_batch(requests))
             if len(outcomes) != len(requests):
@@ -198,18 +199,25 @@ class MicroBatcher:
                     f"engine returned {len(outcomes)} outcomes for {len(requests)} requests"
                 )
             return [_as_outcome(o) for o in outcomes]
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as cancelled:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the loop itself is being cancelled
+            # A cancellation inside the engine (not of this loop) is a failed batch; letting
+            # it propagate would end the loop and leave every later request unanswered.
+            failure = EngineError("the engine call was cancelled")
+            failure.__cause__ = cancelled
         except Exception as exc:
-            if len(requests) == 1:
-                return [exc]
-            logger.warning(
-                "batch of %d failed (%s); retrying its requests one by one", len(requests), exc
-            )
-            isolated: list[Completion | BaseException] = []
-            for request in requests:
-                isolated.extend(await self._call_engine([request]))
-            return isolated
+            failure = exc
+        if len(requests) == 1:
+            return [failure]
+        logger.warning(
+            "batch of %d failed (%s); retrying its requests one by one", len(requests), failure
+        )
+        isolated: list[Completion | BaseException] = []
+        for request in requests:
+            isolated.extend(await self._call_engine([request]))
+        return isolated
 
     @staticmethod
     def _fail_unresolved(batch: list[_Entry], error: BaseException) -> None:

@@ -73,6 +73,12 @@ def build_app(
                 )
             )
 
+    @app.on_before_shutdown.connect
+    async def drain(app: faust.App, **_: Any) -> None:
+        # Runs after the fetcher stopped and before the producer is flushed and closed:
+        # finish what was accepted, publish it, commit.
+        await pipeline.stop()
+
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set[Hashable], **_: Any) -> None:
         await pipeline.on_partitions_revoked(revoked)
@@ -89,8 +95,8 @@ def build_app(
             return None
 
     class PipelineService(Service):
-        """Starts the pipeline once Faust's producer and consumer exist; drains it first
-        on shutdown (runtime dependencies stop before the consumer and producer)."""
+        """Starts the pipeline once Faust's producer and consumer exist (the drain on
+        shutdown happens earlier, in ``on_before_shutdown``; this stop is a fallback)."""
 
         async def on_start(self) -> None:
             await pipeline.start(app.producer, commit, highwater)

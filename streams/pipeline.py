@@ -127,15 +127,26 @@ class IntakePipeline:
         ]
         self.ready.set()
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Finish what was accepted (bounded by ``timeout``), commit, stop the loops."""
+    async def stop(self, timeout: float = 30.0, commit_timeout: float = 5.0) -> None:
+        """Finish what was accepted (bounded by ``timeout``), commit, stop the loops.
+
+        Idempotent. The final commit is bounded too: at shutdown the consumer may already
+        be going away, and an uncommitted offset only means a re-read that the answered
+        index recognises.
+        """
+        if not self.ready.is_set() and not self._tasks:
+            return
         self.ready.clear()
+        logger.info("draining: %d requests unanswered", self._unfinished)
         await self.batcher.stop()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             logger.warning("stopping with %d requests unanswered", self._unfinished)
-        await self.commit_now()
+        try:
+            await asyncio.wait_for(self.commit_now(), commit_timeout)
+        except Exception as exc:
+            logger.warning("final commit failed (%r); those offsets will be re-read", exc)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -305,7 +316,7 @@ class IntakePipeline:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.commit_now()
+                await asyncio.wait_for(self.commit_now(), 30.0)
             except Exception:
                 logger.exception("offset commit failed; will retry")
             self._update_lag()

@@ -9,18 +9,16 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.processes import WorkerProcess
+from connectors.processes import WORKER_READY, WorkerProcess
 from schemas.codec import AvroCodec
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.settings import Settings
 from tests.conftest import settings_env
 
-READY_LINE = "[^Worker]: Ready"
-
 
 def start_worker(settings: Settings, log_dir: Path, name: str = "worker") -> WorkerProcess:
     worker = WorkerProcess(log_dir / f"{name}.log", env=settings_env(settings)).start()
-    if not worker.wait_for_log(READY_LINE, timeout=180):
+    if not worker.wait_for_log(WORKER_READY, timeout=180):
         tail = worker.log_tail(40)
         worker.kill()
         raise AssertionError(f"worker did not become ready:\n{tail}")

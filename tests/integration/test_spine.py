@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,6 +58,7 @@ async def test_200_prompts_get_200_results(settings_factory, model_dir, tmp_path
             timeout=600,
             until=lambda rs: len({r["request_id"] for r in rs}) >= 200,
         )
+        metrics = _scrape_metrics(worker.log_file)
     finally:
         worker.stop()
     by_id = _distinct(results)
@@ -65,6 +68,17 @@ async def test_200_prompts_get_200_results(settings_factory, model_dir, tmp_path
     assert all(v[0]["text"].strip() for v in by_id.values()), "empty answer"
     assert all(v[0]["_key"] == k.encode() for k, v in by_id.items()), "results keyed by id"
     assert max(v[0]["batch_size"] for v in by_id.values()) > 1, "nothing was batched"
+    ok = re.search(r'sluice_requests_total\{model="[^"]+",status="OK"\} (\S+)', metrics)
+    assert ok and float(ok.group(1)) == 200.0, "Prometheus counter disagrees with the topic"
+    assert 'sluice_request_latency_seconds_count{stage="inference"} 200.0' in metrics
+
+
+def _scrape_metrics(log_file: Path) -> str:
+    """The worker logs its metrics address (port 0 = a free port); scrape it."""
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", log_file.read_text())
+    assert match, "worker did not log its metrics address"
+    with urllib.request.urlopen(match.group(1), timeout=10) as response:
+        return response.read().decode()
 
 
 async def test_bad_input_goes_to_the_dlq_and_the_worker_keeps_going(
@@ -101,9 +115,15 @@ async def test_bad_input_goes_to_the_dlq_and_the_worker_keeps_going(
                 (b"empty", req("empty", prompt="   "), "invalid_request"),
             ]
             await produce_raw(settings, [(k, v) for k, v, _ in bad])
+            expired = client.build_request("Too late.", deadline_ms=1)
+            expired["created_at"] -= 60_000  # published a minute "ago" with a 1 ms budget
+            await client.publish_record(expired)
             good = await client.publish("Name a fruit.", max_new_tokens=8)
             result = await client.result(good, timeout=120)
+            late = await client.result(expired["request_id"], timeout=60)
         assert result["status"] == "OK" and result["text"].strip()
+        assert late["status"] == "EXPIRED" and late["finish_reason"] == "expired"
+        assert late["text"] == "" and late["completion_tokens"] == 0
         dlq = await read_topic(
             settings, settings.dlq_topic, timeout=60, until=lambda rs: len(rs) >= len(bad)
         )

@@ -1,0 +1,704 @@
+"""MicroBatcher: batch limits, waiting, priority, expiry, failure isolation, backpressure.
+
+The engine here is a fake ``run_batch`` callable (the batcher is pure asyncio logic); it
+records every batch it is handed and answers each request with its own id, so a mix-up of
+outcomes between requests shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inference.batcher import MicroBatcher
+from inference.errors import BatcherClosedError, EngineError
+from inference.types import BatchOutcome, Completion, GenerationRequest, Sampling
+
+WAIT = 5.0  # generous upper bound for "eventually": only a hang or a lost wake-up reaches it
+
+
+def req(
+    rid: str,
+    *,
+    prompt_len: int = 1,
+    max_new: int = 1,
+    priority: int = 0,
+    deadline: float | None = None,
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid,
+        prompt=rid,
+        sampling=Sampling(max_new_tokens=max_new),
+        priority=priority,
+        prompt_ids=[7] * prompt_len,
+        deadline=deadline,
+    )
+
+
+def completion_for(r: GenerationRequest) -> Completion:
+    return Completion(
+        text=f"out:{r.request_id}",
+        finish_reason="length",
+        prompt_tokens=len(r.prompt_ids),
+        completion_tokens=r.sampling.max_new_tokens,
+    )
+
+
+class FakeEngine:
+    """Records the batches it is given; answers each request with ``out:<id>``.
+
+    ``fail_if(request)`` true for any request of a batch makes the whole batch raise (the
+    "poison" request); ``gate`` (when set up) holds every batch until it is opened.
+    """
+
+    def __init__(
+        self,
+        fail_if: Callable[[GenerationRequest], bool] = lambda r: False,
+        gate: asyncio.Event | None = None,
+    ) -> None:
+        self.batches: list[list[str]] = []  # every call, in order
+        self.succeeded: list[list[str]] = []  # calls that returned normally
+        self.fail_if = fail_if
+        self.gate = gate
+        self.started = asyncio.Event()
+
+    async def __call__(
+        self, batch: Sequence[GenerationRequest]
+    ) -> list[Completion | BaseException]:
+        ids = [r.request_id for r in batch]
+        self.batches.append(ids)
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(0)
+        if any(self.fail_if(r) for r in batch):
+            raise ValueError(f"poisoned batch {ids}")
+        self.succeeded.append(ids)
+        return [completion_for(r) for r in batch]
+
+
+async def outcomes(futures: Sequence[asyncio.Future[BatchOutcome]]) -> list[BatchOutcome]:
+    return list(await asyncio.wait_for(asyncio.gather(*futures), WAIT))
+
+
+async def submit_all(
+    batcher: MicroBatcher, requests: Sequence[GenerationRequest]
+) -> list[asyncio.Future[BatchOutcome]]:
+    return [await batcher.submit(r) for r in requests]
+
+
+def flat(batches: list[list[str]]) -> list[str]:
+    return [rid for batch in batches for rid in batch]
+
+
+# -- construction --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 0},
+        {"max_batch_tokens": 0},
+        {"max_queue": 0},
+        {"max_wait_s": -0.001},
+    ],
+)
+def test_rejects_nonsense_limits(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        MicroBatcher(FakeEngine(), **kwargs)  # type: ignore[arg-type]
+
+
+# -- batch limits --------------------------------------------------------------------------
+
+
+async def test_batches_respect_max_batch_size() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=3, max_batch_tokens=10_000, max_wait_s=0.02)
+    futures = await submit_all(batcher, [req(f"r{i}") for i in range(7)])
+    await batcher.start()  # everything is queued before the loop looks
+    results = await outcomes(futures)
+    await batcher.stop()
+
+    assert [len(b) for b in engine.batches] == [3, 3, 1]
+    assert flat(engine.batches) == [f"r{i}" for i in range(7)]
+    assert [o.batch_size for o in results] == [3, 3, 3, 3, 3, 3, 1]
+    assert batcher.batches_run == 3
+
+
+async def test_batches_respect_max_batch_tokens() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=16, max_batch_tokens=10, max_wait_s=0.02)
+    # token_cost = len(prompt_ids) + max_new_tokens = 2 + 2 = 4: two fit in 10, three do not.
+    requests = [req(f"r{i}", prompt_len=2, max_new=2) for i in range(5)]
+    assert requests[0].token_cost == 4
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    results = await outcomes(futures)
+    await batcher.stop()
+
+    assert [len(b) for b in engine.batches] == [2, 2, 1]
+    assert all(o.ok for o in results)
+
+
+async def test_token_cost_counts_the_output_budget() -> None:
+    """A short prompt with a large max_new_tokens still fills the budget."""
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=16, max_batch_tokens=100, max_wait_s=0.02)
+    requests = [req(f"r{i}", prompt_len=1, max_new=60) for i in range(3)]
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    await outcomes(futures)
+    await batcher.stop()
+
+    assert [len(b) for b in engine.batches] == [1, 1, 1]
+
+
+async def test_request_over_the_token_budget_runs_alone() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=16, max_batch_tokens=10, max_wait_s=0.02)
+    requests = [
+        req("small-1", prompt_len=2, max_new=1),
+        req("huge", prompt_len=20, max_new=5),
+        req("small-2", prompt_len=2, max_new=1),
+        req("small-3", prompt_len=2, max_new=1),
+    ]
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    results = await outcomes(futures)
+    await batcher.stop()
+
+    assert all(o.ok for o in results)
+    huge_batches = [b for b in engine.batches if "huge" in b]
+    assert huge_batches == [["huge"]]
+    assert results[1].batch_size == 1
+    assert sorted(flat(engine.batches)) == sorted(r.request_id for r in requests)
+
+
+async def test_request_over_the_budget_at_the_head_does_not_take_company() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=16, max_batch_tokens=10, max_wait_s=0.02)
+    requests = [req("huge", prompt_len=50, max_new=5, priority=1)] + [
+        req(f"small-{i}") for i in range(3)
+    ]
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    await outcomes(futures)
+    await batcher.stop()
+
+    assert engine.batches[0] == ["huge"]
+    assert engine.batches[1] == ["small-0", "small-1", "small-2"]
+
+
+# -- when a batch starts -------------------------------------------------------------------
+
+
+async def test_partial_batch_waits_for_max_wait() -> None:
+    engine = FakeEngine()
+    max_wait = 0.2
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=max_wait)
+    await batcher.start()
+    t0 = time.monotonic()
+    (future,) = await submit_all(batcher, [req("only")])
+    await outcomes([future])
+    elapsed = time.monotonic() - t0
+    await batcher.stop()
+
+    # Started no earlier than (about) max_wait after it was queued, and not much later.
+    assert elapsed >= max_wait * 0.5
+    assert elapsed < WAIT
+    assert future.result().batch_wait_s >= max_wait * 0.5
+
+
+async def test_wait_is_counted_from_the_oldest_request() -> None:
+    """A request arriving during the wait joins the batch; the wait does not restart."""
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.3)
+    await batcher.start()
+    t0 = time.monotonic()
+    first = await batcher.submit(req("first"))
+    await asyncio.sleep(0.1)
+    second = await batcher.submit(req("second"))
+    await outcomes([first, second])
+    elapsed = time.monotonic() - t0
+    await batcher.stop()
+
+    assert engine.batches == [["first", "second"]]
+    # Had the second arrival restarted the clock the batch would start at >= 0.4 s.
+    assert elapsed < 0.4 + 2.0  # loose: only a restarted or missing timer is caught by below
+    assert second.result().batch_wait_s < first.result().batch_wait_s
+
+
+async def test_full_batch_starts_without_waiting() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=2, max_wait_s=30.0)
+    await batcher.start()
+    futures = await submit_all(batcher, [req("a"), req("b")])
+    # max_wait is 30 s: only "full means go" can finish these within the timeout.
+    results = await asyncio.wait_for(asyncio.gather(*futures), 2.0)
+    await batcher.stop()
+
+    assert engine.batches == [["a", "b"]]
+    assert all(o.ok for o in results)
+
+
+async def test_token_full_batch_starts_without_waiting() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=16, max_batch_tokens=10, max_wait_s=30.0)
+    await batcher.start()
+    future = await batcher.submit(req("big", prompt_len=6, max_new=4))
+    result = await asyncio.wait_for(future, 2.0)
+    await batcher.stop()
+
+    assert result.ok
+
+
+async def test_requests_queued_during_a_batch_form_the_next_batch() -> None:
+    gate = asyncio.Event()
+    engine = FakeEngine(gate=gate)
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    await batcher.start()
+    first = await batcher.submit(req("first"))
+    await asyncio.wait_for(engine.started.wait(), WAIT)
+    later = await submit_all(batcher, [req(f"later-{i}") for i in range(3)])
+    gate.set()
+    await outcomes([first, *later])
+    await batcher.stop()
+
+    assert engine.batches == [["first"], ["later-0", "later-1", "later-2"]]
+
+
+# -- priority ------------------------------------------------------------------------------
+
+
+async def test_higher_priority_goes_first() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=2, max_wait_s=0.01)
+    priorities = {"p0": 0, "p5": 5, "p1": 1, "p9": 9, "p3": 3}
+    futures = await submit_all(batcher, [req(k, priority=v) for k, v in priorities.items()])
+    await batcher.start()
+    await outcomes(futures)
+    await batcher.stop()
+
+    assert engine.batches == [["p9", "p5"], ["p3", "p1"], ["p0"]]
+
+
+async def test_equal_priority_is_first_come_first_served() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=2, max_wait_s=0.01)
+    requests = [req("a", priority=1), req("b"), req("c", priority=1), req("d"), req("e")]
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    await outcomes(futures)
+    await batcher.stop()
+
+    assert engine.batches == [["a", "c"], ["b", "d"], ["e"]]
+
+
+async def test_priority_applies_to_requests_queued_while_the_engine_is_busy() -> None:
+    gate = asyncio.Event()
+    engine = FakeEngine(gate=gate)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_wait_s=0.0)
+    await batcher.start()
+    blocker = await batcher.submit(req("blocker"))
+    await asyncio.wait_for(engine.started.wait(), WAIT)
+    queued = await submit_all(
+        batcher, [req("low", priority=-1), req("mid", priority=0), req("high", priority=10)]
+    )
+    gate.set()
+    await outcomes([blocker, *queued])
+    await batcher.stop()
+
+    assert engine.batches == [["blocker"], ["high"], ["mid"], ["low"]]
+
+
+# -- expiry --------------------------------------------------------------------------------
+
+
+async def test_expired_requests_never_reach_the_engine() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    now = time.monotonic()
+    requests = [
+        req("live", deadline=now + 60.0),
+        req("dead", deadline=now - 1.0),
+        req("no-deadline"),
+    ]
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    live, dead, free = await outcomes(futures)
+    await batcher.stop()
+
+    assert dead.expired
+    assert dead.completion is None and dead.error is None and not dead.ok
+    assert not live.expired and live.ok and live.completion.text == "out:live"  # type: ignore[union-attr]
+    assert free.ok
+    assert "dead" not in flat(engine.batches)
+    assert engine.batches == [["live", "no-deadline"]]
+
+
+async def test_request_that_expires_while_queued_is_not_run() -> None:
+    gate = asyncio.Event()
+    engine = FakeEngine(gate=gate)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_wait_s=0.0)
+    await batcher.start()
+    blocker = await batcher.submit(req("blocker"))
+    await asyncio.wait_for(engine.started.wait(), WAIT)
+    short = await batcher.submit(req("short", deadline=time.monotonic() + 0.05))
+    await asyncio.sleep(0.15)  # its deadline passes while the engine is busy
+    gate.set()
+    _, outcome = await outcomes([blocker, short])
+    await batcher.stop()
+
+    assert outcome.expired
+    assert engine.batches == [["blocker"]]
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+
+async def test_each_request_gets_its_own_outcome_once() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=4, max_wait_s=0.01)
+    await batcher.start()
+    requests = [req(f"r{i}", prompt_len=i + 1) for i in range(10)]
+    futures = await submit_all(batcher, requests)
+    results = await outcomes(futures)
+    await batcher.stop()
+
+    assert [o.completion.text for o in results] == [f"out:{r.request_id}" for r in requests]  # type: ignore[union-attr]
+    assert [o.completion.prompt_tokens for o in results] == [i + 1 for i in range(10)]  # type: ignore[union-attr]
+    assert sorted(flat(engine.batches)) == sorted(r.request_id for r in requests)
+    assert all(o.inference_s >= 0 and o.batch_wait_s >= 0 for o in results)
+
+
+async def test_poison_request_fails_alone_and_the_loop_keeps_serving() -> None:
+    engine = FakeEngine(fail_if=lambda r: r.request_id == "poison")
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    requests = [req("a"), req("poison"), req("b"), req("c")]
+    futures = await submit_all(batcher, requests)
+    await batcher.start()
+    a, poison, b, c = await outcomes(futures)
+
+    assert isinstance(poison.error, ValueError)
+    assert poison.completion is None
+    assert [o.completion.text for o in (a, b, c)] == ["out:a", "out:b", "out:c"]  # type: ignore[union-attr]
+    assert all(o.error is None for o in (a, b, c))
+    # The whole batch was tried once, then each request alone.
+    assert engine.batches[0] == ["a", "poison", "b", "c"]
+    assert sorted(engine.batches[1:]) == [["a"], ["b"], ["c"], ["poison"]]
+
+    (later,) = await outcomes(await submit_all(batcher, [req("later")]))
+    await batcher.stop()
+    assert later.ok and later.completion.text == "out:later"  # type: ignore[union-attr]
+
+
+async def test_wrong_number_of_outcomes_fails_each_request_and_loop_survives() -> None:
+    broken = True
+
+    async def engine(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+        if broken:
+            return [completion_for(r) for r in batch] + [completion_for(batch[0])]
+        return [completion_for(r) for r in batch]
+
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    futures = await submit_all(batcher, [req("a"), req("b"), req("c")])
+    await batcher.start()
+    results = await outcomes(futures)
+    assert all(isinstance(o.error, EngineError) for o in results)
+    assert all(o.completion is None for o in results)
+
+    broken = False
+    (later,) = await outcomes(await submit_all(batcher, [req("later")]))
+    await batcher.stop()
+    assert later.ok
+
+
+async def test_too_few_outcomes_is_also_an_error() -> None:
+    async def engine(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+        return []
+
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    futures = await submit_all(batcher, [req("a"), req("b")])
+    await batcher.start()
+    results = await outcomes(futures)
+    await batcher.stop()
+    assert all(isinstance(o.error, EngineError) for o in results)
+
+
+async def test_exception_instance_fails_only_its_request() -> None:
+    calls: list[list[str]] = []
+
+    async def engine(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+        calls.append([r.request_id for r in batch])
+        return [
+            RuntimeError(f"bad {r.request_id}") if r.request_id == "bad" else completion_for(r)
+            for r in batch
+        ]
+
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    futures = await submit_all(batcher, [req("a"), req("bad"), req("c")])
+    await batcher.start()
+    a, bad, c = await outcomes(futures)
+    await batcher.stop()
+
+    assert isinstance(bad.error, RuntimeError) and str(bad.error) == "bad bad"
+    assert bad.completion is None
+    assert a.completion.text == "out:a" and c.completion.text == "out:c"  # type: ignore[union-attr]
+    assert calls == [["a", "bad", "c"]]  # no retry: the engine answered per request
+    assert bad.batch_size == 3
+
+
+async def test_non_completion_outcome_becomes_an_engine_error() -> None:
+    async def engine(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+        return ["not a completion" if r.request_id == "odd" else completion_for(r) for r in batch]  # type: ignore[misc]
+
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    futures = await submit_all(batcher, [req("a"), req("odd")])
+    await batcher.start()
+    a, odd = await outcomes(futures)
+    await batcher.stop()
+
+    assert a.ok
+    assert isinstance(odd.error, EngineError) and odd.completion is None
+
+
+async def test_engine_that_raises_cancelled_error_does_not_kill_the_loop() -> None:
+    """A CancelledError escaping the engine (not a cancel of the loop) is a batch failure."""
+    fail = True
+
+    async def engine(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+        if fail:
+            raise asyncio.CancelledError()
+        return [completion_for(r) for r in batch]
+
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01)
+    futures = await submit_all(batcher, [req("a"), req("b")])
+    await batcher.start()
+    results = await outcomes(futures)
+    assert all(o.error is not None and o.completion is None for o in results)
+
+    fail = False
+    (later,) = await outcomes(await submit_all(batcher, [req("later")]))
+    await asyncio.wait_for(batcher.stop(), WAIT)
+    assert later.ok
+
+
+async def test_owner_cancelled_request_is_skipped_and_frees_its_slot() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.01, max_queue=2)
+    keep, drop = await submit_all(batcher, [req("keep"), req("drop")])
+    drop.cancel()
+    # The cancelled request's slot is free again: a third submit does not block.
+    third = await asyncio.wait_for(batcher.submit(req("third")), 1.0)
+    await batcher.start()
+    await outcomes([keep, third])
+    await batcher.stop()
+
+    assert "drop" not in flat(engine.batches)
+    assert sorted(flat(engine.batches)) == ["keep", "third"]
+
+
+# -- backpressure and lifecycle ------------------------------------------------------------
+
+
+async def test_submit_waits_while_the_queue_is_full() -> None:
+    gate = asyncio.Event()
+    engine = FakeEngine(gate=gate)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_wait_s=0.0, max_queue=2)
+    await batcher.start()
+    first, second = await submit_all(batcher, [req("first"), req("second")])
+    await asyncio.wait_for(engine.started.wait(), WAIT)
+
+    third_submit = asyncio.ensure_future(batcher.submit(req("third")))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(third_submit), 0.1)
+    assert not third_submit.done()
+    assert not first.done() and not second.done()
+
+    gate.set()  # the engine finishes "first": its slot frees up
+    third = await asyncio.wait_for(third_submit, WAIT)
+    results = await outcomes([first, second, third])
+    await batcher.stop()
+    assert [o.completion.text for o in results] == ["out:first", "out:second", "out:third"]  # type: ignore[union-attr]
+
+
+async def test_stop_drains_queued_requests() -> None:
+    engine = FakeEngine()
+    # A 30 s wait and a batch that never fills: only stop() can make these run soon.
+    batcher = MicroBatcher(engine, max_batch_size=16, max_wait_s=30.0)
+    await batcher.start()
+    futures = await submit_all(batcher, [req(f"r{i}") for i in range(5)])
+    await asyncio.sleep(0.01)
+    assert not any(f.done() for f in futures)
+    await asyncio.wait_for(batcher.stop(), 2.0)
+
+    assert all(f.done() for f in futures)
+    assert all(f.result().ok for f in futures)
+    assert sorted(flat(engine.batches)) == [f"r{i}" for i in range(5)]
+    assert batcher.queued == 0
+
+
+async def test_stop_drains_more_than_one_batch() -> None:
+    engine = FakeEngine()
+    batcher = MicroBatcher(engine, max_batch_size=2, max_wait_s=30.0)
+    futures = await submit_all(batcher, [req(f"r{i}") for i in range(5)])
+    await batcher.start()
+    await asyncio.wait_for(batcher.stop(), 2.0)
+    assert all(f.done() and f.result().ok for f in futures)
+    assert [len(b) for b in engine.batches] == [2, 2, 1]
+
+
+async def test_submit_after_stop_raises() -> None:
+    batcher = MicroBatcher(FakeEngine(), max_wait_s=0.0)
+    await batcher.start()
+    await batcher.stop()
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit(req("late"))
+
+
+async def test_submit_blocked_on_backpressure_raises_when_stopped() -> None:
+    gate = asyncio.Event()
+    engine = FakeEngine(gate=gate)
+    batcher = MicroBatcher(engine, max_batch_size=1, max_wait_s=0.0, max_queue=1)
+    await batcher.start()
+    first = await batcher.submit(req("first"))
+    await asyncio.wait_for(engine.started.wait(), WAIT)
+    blocked = asyncio.ensure_future(batcher.submit(req("blocked")))
+    await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(batcher.stop())
+    await asyncio.sleep(0.01)
+    gate.set()
+    with pytest.raises(BatcherClosedError):
+        await asyncio.wait_for(blocked, WAIT)
+    await asyncio.wait_for(stopping, WAIT)
+    assert first.result().ok
+    assert engine.batches == [["first"]]
+
+
+# -- invariants over random request sets ----------------------------------------------------
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+REQUEST = st.tuples(
+    st.integers(0, 24),  # prompt length
+    st.integers(1, 24),  # max_new_tokens
+    st.integers(-3, 3),  # priority
+    st.booleans(),  # already expired
+    st.booleans(),  # poison: any batch holding it raises
+    st.booleans(),  # submitted before start (queued) or after (arrives while running)
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    specs=st.lists(REQUEST, min_size=1, max_size=30),
+    max_batch_size=st.integers(1, 6),
+    max_batch_tokens=st.integers(1, 60),
+)
+async def test_batching_invariants(
+    specs: list[tuple[int, int, int, bool, bool, bool]],
+    max_batch_size: int,
+    max_batch_tokens: int,
+) -> None:
+    engine = FakeEngine(fail_if=lambda r: r.request_id.startswith("poison"))
+    batcher = MicroBatcher(
+        engine,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+        max_wait_s=0.0,
+        max_queue=len(specs) + 1,
+    )
+    errors = _Collect()
+    logging.getLogger("inference.batcher").addHandler(errors)
+    now = time.monotonic()
+    requests = [
+        req(
+            f"{'poison' if poison else 'ok'}-{i}",
+            prompt_len=prompt_len,
+            max_new=max_new,
+            priority=priority,
+            deadline=now - 1.0 if expired else now + 600.0,
+        )
+        for i, (prompt_len, max_new, priority, expired, poison, _) in enumerate(specs)
+    ]
+    by_id = {r.request_id: r for r in requests}
+    early = [r for r, spec in zip(requests, specs, strict=True) if spec[5]]
+    late = [r for r, spec in zip(requests, specs, strict=True) if not spec[5]]
+    futures = {r.request_id: await batcher.submit(r) for r in early}
+    await batcher.start()
+    for r in late:
+        futures[r.request_id] = await batcher.submit(r)
+        await asyncio.sleep(0)
+    try:
+        results = dict(zip(futures, await outcomes(list(futures.values())), strict=True))
+        await batcher.stop()
+    finally:
+        logging.getLogger("inference.batcher").removeHandler(errors)
+
+    # Every batch the engine saw is within limits (a lone over-budget request excepted).
+    for batch in engine.batches:
+        assert 1 <= len(batch) <= max_batch_size
+        cost = sum(by_id[rid].token_cost for rid in batch)
+        assert cost <= max_batch_tokens or len(batch) == 1
+    # No request is answered by two batches, and every live healthy request by one.
+    answered = flat(engine.succeeded)
+    assert len(answered) == len(set(answered))
+    for i, (_, _, _, expired, poison, _) in enumerate(specs):
+        rid = requests[i].request_id
+        outcome = results[rid]
+        assert isinstance(outcome, BatchOutcome)
+        if expired:
+            assert outcome.expired and outcome.completion is None
+            assert rid not in flat(engine.batches)
+        elif poison:
+            assert isinstance(outcome.error, ValueError) and outcome.completion is None
+            assert rid not in answered
+        else:
+            assert outcome.ok and outcome.completion.text == f"out:{rid}"  # type: ignore[union-attr]
+            assert answered.count(rid) == 1
+    # A failed batch is retried one request at a time, so a poisoned request only ever
+    # runs alone after its first batch.
+    for rid in (r.request_id for r in requests if r.request_id.startswith("poison")):
+        seen = [b for b in engine.batches if rid in b]
+        assert all(b == [rid] for b in seen[1:])
+    # Nothing went wrong outside the engine (e.g. a future resolved twice).
+    assert not errors.records
+    assert batcher.queued == 0
+
+
+async def test_cancelling_the_loop_itself_still_stops_it() -> None:
+    """Treating an engine's own CancelledError as a failure must not swallow a real cancel."""
+    started = asyncio.Event()
+
+    async def engine(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+        started.set()
+        await asyncio.Event().wait()  # never finishes on its own
+        raise AssertionError("unreachable")
+
+    batcher = MicroBatcher(engine, max_batch_size=8, max_wait_s=0.0)
+    await batcher.start()
+    await batcher.submit(req("stuck"))
+    await asyncio.wait_for(started.wait(), WAIT)
+    task = batcher._task
+    assert task is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT)
+    assert task.cancelled()
