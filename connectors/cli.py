@@ -143,6 +143,32 @@ def send(
     )
 
 
+# -- feedback -----------------------------------------------------------------------------
+@app.command()
+def feedback(
+    request_id: str = typer.Argument(..., help="The request the feedback is about."),
+    score: int = typer.Option(..., "--score", "-s", help="-1 (bad), 0 or 1 (good)."),
+    correction: str | None = typer.Option(
+        None, "--correction", "-c", help="The answer you wanted instead."
+    ),
+    label: str | None = typer.Option(None, "--label"),
+    user: str | None = typer.Option(None, "--user", help="A pseudonymous user id."),
+) -> None:
+    """Send human feedback on an answer (it joins the request into a training example)."""
+    from connectors.client import SluiceClient
+
+    settings = _settings()
+
+    async def go() -> None:
+        async with SluiceClient(settings) as client:
+            await client.send_feedback(
+                request_id, score, label=label, correction=correction, user=user
+            )
+
+    asyncio.run(go())
+    err.print(f"feedback for {request_id} published on {settings.feedback_topic}")
+
+
 # -- tail ---------------------------------------------------------------------------------
 @app.command()
 def tail(

@@ -183,6 +183,63 @@ class SluiceClient:
             return await producer.send_and_wait(self.settings.requests_topic, value, key=key)
         return await producer.send(self.settings.requests_topic, value, key=key)
 
+    async def send_feedback(
+        self,
+        request_id: str,
+        score: int,
+        *,
+        label: str | None = None,
+        correction: str | None = None,
+        user: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish a ``FeedbackEvent`` (score -1, 0 or +1) for an answered request."""
+        if score not in (-1, 0, 1):
+            raise ClientError(f"score must be -1, 0 or 1, not {score!r}")
+        if not request_id:
+            raise ClientError("request_id is empty")
+        record = {
+            "request_id": request_id,
+            "score": score,
+            "label": label,
+            "correction": correction,
+            "user": user,
+            "created_at": int(time.time() * 1000),
+            "metadata": dict(metadata or {}),
+        }
+        await self._require_producer().send_and_wait(
+            self.settings.feedback_topic,
+            self.codec.encode("FeedbackEvent", record),
+            key=request_id.encode(),
+        )
+
+    async def send_control(
+        self,
+        command: str,
+        *,
+        model: str,
+        version: str | None = None,
+        percent: int | None = None,
+        issued_by: str | None = None,
+    ) -> str:
+        """Publish a rollout ``ControlCommand`` (LOAD, CANARY, PROMOTE, ROLLBACK) that
+        every worker applies. Returns its command_id."""
+        record = {
+            "command_id": uuid.uuid4().hex,
+            "command": command.upper(),
+            "model": model,
+            "version": version,
+            "percent": percent,
+            "issued_by": issued_by,
+            "created_at": int(time.time() * 1000),
+        }
+        await self._require_producer().send_and_wait(
+            self.settings.control_topic,
+            self.codec.encode("ControlCommand", record),
+            key=model.encode(),
+        )
+        return record["command_id"]
+
     async def flush(self) -> None:
         await self._require_producer().flush()
 

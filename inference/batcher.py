@@ -76,7 +76,7 @@ class MicroBatcher:
 
     async def stop(self) -> None:
         """Stop taking requests, finish the queue, then stop the loop."""
-        pass
+        self._closed = True
         self._arrived.set()
         if self._task is not None:
             await self._task

@@ -39,7 +39,7 @@ def faust_app(settings: Settings, bootstrap: str, *, web_port: int) -> faust.App
         consumer_auto_offset_reset="earliest",
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
-        topic_allow_declare=False,  # streams.topics creates them with their configs
+        topic_allow_declare=True,  # Faust's own (changelog) topics; ours exist already
         broker_commit_livelock_soft_timeout=3600.0,
     )
 
@@ -72,6 +72,9 @@ def build_app(
                     timestamp_ms=int((message.timestamp or 0) * 1000),
                 )
             )
+
+    if settings.feedback_join:
+        _add_feedback_join(app, settings, pipeline)
 
     @app.on_before_shutdown.connect
     async def drain(app: faust.App, **_: Any) -> None:
@@ -117,3 +120,126 @@ def _credentials(settings: Settings) -> Any:
             mechanism=settings.kafka_sasl_mechanism,
         )
     return None
+
+
+def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipeline) -> None:
+    """The agent that joins requests, results and feedback into training examples."""
+    from streams.feedback import Emit, FeedbackJoiner
+    from streams.records import dead_letter
+    from streams.redaction import Redactor
+
+    codec, metrics = pipeline.codec, pipeline.metrics
+    table = app.Table(
+        f"{settings.app_id}-feedback-join",
+        default=None,
+        partitions=settings.partitions,
+        key_serializer="json",
+        value_serializer="json",
+    )
+
+    def on_outcome(outcome: str) -> None:
+        metrics.feedback_total.labels(outcome=outcome).inc()
+
+    joiner = FeedbackJoiner(
+        table,
+        Redactor(),
+        window_ms=settings.feedback_window_ms,
+        wait_ms=settings.feedback_wait_ms,
+        max_correction_chars=settings.max_prompt_chars,
+        on_outcome=on_outcome,
+    )
+    topics = app.topic(
+        settings.requests_topic,
+        settings.results_topic,
+        settings.feedback_topic,
+        key_type=bytes,
+        value_type=bytes,
+    )
+
+    async def publish(emit: Emit, source: SourceRecord) -> None:
+        if emit.kind == "training":
+            metrics.feedback_score.observe(emit.record["score"])
+            value = codec.encode("TrainingExample", emit.record)
+            await app.producer.send_and_wait(
+                settings.training_topic, emit.key, value, None, None, None
+            )
+            return
+        feedback = emit.record.get("feedback")
+        original, offset = source.value, source.offset
+        if feedback is not None:  # re-encode: the dead letter may be decided much later
+            original = codec.encode("FeedbackEvent", feedback)
+            offset = emit.record.get("source_offset") or offset
+        letter = dead_letter(
+            SourceRecord(
+                source.tp,
+                settings.feedback_topic,
+                source.partition,
+                offset,
+                emit.key,
+                original,
+                source.timestamp_ms,
+            ),
+            emit.record["reason_code"],
+            emit.record["reason"],
+            request_id=emit.record.get("request_id"),
+            worker=settings.worker_id,
+        )
+        await app.producer.send_and_wait(
+            settings.feedback_dlq_topic,
+            emit.key,
+            codec.encode("DeadLetter", letter),
+            None,
+            None,
+            None,
+        )
+
+    @app.agent(topics, name="sluice.feedback-join")
+    async def feedback_join(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            source = SourceRecord(
+                message.tp,
+                message.topic,
+                message.partition,
+                message.offset,
+                message.key,
+                message.value,
+                int((message.timestamp or 0) * 1000),
+            )
+            emits = _join_one(joiner, codec, settings, source)
+            emits.extend(joiner.sweep(source.partition))
+            for emit in emits:
+                await publish(emit, source)
+
+
+def _join_one(joiner: Any, codec: Any, settings: Settings, source: SourceRecord) -> list[Any]:
+    from schemas.errors import SchemaError
+    from streams.feedback import Emit
+
+    if source.topic == settings.feedback_topic:
+        try:
+            _, record = codec.decode(source.value, expected="FeedbackEvent")
+        except SchemaError as exc:
+            joiner.count(f"dlq:{exc.reason_code}")
+            return [
+                Emit(
+                    "dlq",
+                    source.key,
+                    {
+                        "reason_code": exc.reason_code,
+                        "reason": str(exc),
+                        "request_id": None,
+                        "feedback": None,
+                    },
+                )
+            ]
+        record["_offset"] = source.offset
+        return joiner.on_feedback(source.partition, source.timestamp_ms, record)
+    expected = "InferenceResult" if source.topic == settings.results_topic else "InferenceRequest"
+    try:
+        _, record = codec.decode(source.value, expected=expected)
+    except SchemaError:
+        return []  # the intake dead-letters bad requests; results are ours
+    if expected == "InferenceResult":
+        return joiner.on_result(source.partition, source.timestamp_ms, record)
+    return joiner.on_request(source.partition, source.timestamp_ms, record)

@@ -50,7 +50,9 @@ async def load_answered(
     if capacity <= 0:
         return index
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
         **(client_options or {}),
     )
     await consumer.start()

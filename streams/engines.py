@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from inference.backends.base import Engine
-from inference.backends.model_files import model_version, resolve_model_dir
 from streams.settings import Settings
 
 
 def build_engine(settings: Settings) -> Engine:
     """The configured backend, not yet started (call ``await engine.start()``)."""
     if settings.backend == "torch":
+        from inference.backends.model_files import model_version, resolve_model_dir
         from inference.backends.torch import TorchEngine
 
         folder = resolve_model_dir(settings.model_path, settings.model_cache_dir)
@@ -20,5 +20,27 @@ def build_engine(settings: Settings) -> Engine:
             device=settings.device,
             max_batch_size=settings.batch_max_size,
             threads=settings.torch_threads,
+            quantize=settings.torch_quantize,
+        )
+    if settings.backend == "benchmark":
+        from inference.backends.benchmark import BenchmarkEngine
+
+        return BenchmarkEngine(
+            model_name=settings.model_name,
+            completion_tokens=settings.benchmark_completion_tokens,
+            max_batch_size=settings.batch_max_size,
+        )
+    if settings.backend == "tensorrt_llm":
+        from inference.backends.tensorrt_llm import TensorRTLLMEngine
+
+        if not settings.trt_model:
+            raise ValueError("SLUICE_TRT_MODEL must name the model for the tensorrt_llm backend")
+        return TensorRTLLMEngine(
+            settings.trt_model,
+            model_name=settings.model_name,
+            model_version=settings.model_version or settings.trt_model,
+            max_batch_size=settings.trt_max_batch_size,
+            max_num_tokens=settings.trt_max_num_tokens,
+            kv_cache_free_gpu_memory_fraction=settings.trt_kv_cache_free_gpu_memory_fraction,
         )
     raise ValueError(f"unknown backend {settings.backend!r}")

@@ -73,6 +73,12 @@ class WorkerMetrics:
             buckets=(-1, 0, 1),
             registry=registry,
         )
+        self.feedback_total = Counter(
+            "sluice_feedback_total",
+            "Feedback events by outcome (joined, early, dlq:<reason>).",
+            ["outcome"],
+            registry=registry,
+        )
         self.model_info = Gauge(
             "sluice_model_info",
             "Model served (value 1).",

@@ -16,18 +16,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from inference.backends.base import Engine
 from inference.batcher import MicroBatcher
 from inference.errors import InvalidRequestError
+from inference.inflight import InflightDispatcher
 from inference.types import BatchOutcome, Completion, GenerationRequest
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
 from streams.admission import Admission, AdmissionLimits
+from streams.control import ControlListener
 from streams.dedup import AnsweredIndex
 from streams.metrics import WorkerMetrics
 from streams.records import SourceRecord, dead_letter, now_ms, result_record
+from streams.rollout import Dispatcher, ModelRouter, Route
 from streams.settings import Settings
 from streams.watermarks import OffsetWatermarks
 
@@ -64,6 +67,13 @@ class _Outgoing:
     on_delivered: list[Callable[[], None]] = field(default_factory=list)
 
 
+class _Context(NamedTuple):
+    request_id: str
+    created_ms: int
+    read_ms: int
+    engine: Engine
+
+
 class IntakePipeline:
     """Everything between a raw ``llm.requests`` record and its published answer."""
 
@@ -74,13 +84,18 @@ class IntakePipeline:
         codec: AvroCodec,
         metrics: WorkerMetrics,
         answered: AnsweredIndex,
+        load_version: Callable[[str], Awaitable[Engine]] | None = None,
     ) -> None:
+        """``engine`` is the base model (started); ``load_version`` loads (and starts) a
+        registry version when a rollout command asks for one."""
         self.settings = settings
         self.engine = engine
         self.codec = codec
         self.metrics = metrics
         self.answered = answered
         self.watermarks = OffsetWatermarks()
+        self._load_version = load_version
+        self.control: ControlListener | None = None
         self.admission = Admission(
             AdmissionLimits(
                 settings.max_prompt_chars,
@@ -88,15 +103,9 @@ class IntakePipeline:
                 settings.max_new_tokens_limit,
             ),
             served_models=lambda: {engine.model_name},
-            encode=lambda p, s, r: engine.encode_prompt(p, system=s, raw=r),
+            encode=lambda p, s, r: self.router.current.engine.encode_prompt(p, system=s, raw=r),
         )
-        self.batcher = MicroBatcher(
-            self._run_batch,
-            max_batch_size=settings.batch_max_size,
-            max_batch_tokens=settings.batch_max_tokens,
-            max_wait_s=settings.batch_max_wait_ms / 1000.0,
-            max_queue=settings.max_inflight,
-        )
+        self.router = ModelRouter(Route(None, engine, self._dispatcher_for(engine)), self._route)
         self._slots = asyncio.Semaphore(settings.max_inflight)
         self._inflight: dict[str, list[SourceRecord]] = {}
         self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
@@ -117,14 +126,15 @@ class IntakePipeline:
         self._producer = producer
         self._committer = committer
         self._highwater = highwater
-        self.metrics.model_info.labels(
-            model=self.engine.model_name, version=self.engine.model_version
-        ).set(1)
-        await self.batcher.start()
+        for route in self.router.routes():
+            await route.dispatcher.start()
+            self._mark_serving(route.engine)
         self._tasks = [
             asyncio.create_task(self._publish_loop(), name="sluice-publisher"),
             asyncio.create_task(self._commit_loop(), name="sluice-committer"),
         ]
+        if self.control is not None:
+            self._tasks.append(asyncio.create_task(self.control.run(), name="sluice-control"))
         self.ready.set()
 
     async def stop(self, timeout: float = 30.0, commit_timeout: float = 5.0) -> None:
@@ -138,7 +148,8 @@ class IntakePipeline:
             return
         self.ready.clear()
         logger.info("draining: %d requests unanswered", self._unfinished)
-        await self.batcher.stop()
+        for route in self.router.routes():
+            await route.dispatcher.stop()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -151,6 +162,8 @@ class IntakePipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.control is not None:
+            await self.control.stop()
 
     # -- intake ------------------------------------------------------------------------
     async def handle(self, source: SourceRecord) -> None:
@@ -188,21 +201,62 @@ class IntakePipeline:
         self._inflight[request_id] = [source]
         created_ms = record.get("created_at") or source.timestamp_ms or read_ms
         self.metrics.observe_stage("queue", (read_ms - created_ms) / 1000.0)
-        context = (request_id, created_ms, read_ms)
+        route = self.router.pick(request_id)
+        context = _Context(request_id, created_ms, read_ms, route.engine)
         if request.deadline is not None and request.deadline <= time.monotonic():
             self._publish_result(context, None, expired=True)
             return
-        future = await self.batcher.submit(request)
+        if route is not self.router.current:  # another version may tokenize differently
+            request.prompt_ids = route.engine.encode_prompt(
+                request.prompt, system=request.system, raw=request.raw
+            )
+        future = await route.dispatcher.submit(request)
         future.add_done_callback(lambda f: self._on_outcome(context, f))
 
-    # -- engine ------------------------------------------------------------------------
-    async def _run_batch(
-        self, batch: Sequence[GenerationRequest]
-    ) -> list[Completion | BaseException]:
-        self.metrics.batch_size.observe(len(batch))
-        return await self.engine.generate(batch)
+    # -- engines and versions ----------------------------------------------------------
+    def _dispatcher_for(self, engine: Engine) -> Dispatcher:
+        """A micro-batcher for batch engines; per-request dispatch for in-flight batching."""
+        settings = self.settings
+        if engine.inflight_batching:
+            return InflightDispatcher(
+                engine.generate_one,
+                max_inflight=max(1, int(engine.max_batch_size * settings.trt_inflight_factor)),
+            )
 
-    def _on_outcome(self, context: tuple[str, int, int], future: asyncio.Future) -> None:
+        async def run_batch(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:
+            self.metrics.batch_size.observe(len(batch))
+            return await engine.generate(batch)
+
+        return MicroBatcher(
+            run_batch,
+            max_batch_size=settings.batch_max_size,
+            max_batch_tokens=settings.batch_max_tokens,
+            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            max_queue=settings.max_inflight,
+        )
+
+    async def _route(self, version: str | None) -> Route:
+        if version is None:
+            raise ValueError("the base model is always loaded")
+        if self._load_version is None:
+            raise ValueError(f"cannot load version {version}: no model registry configured")
+        engine = await self._load_version(version)
+        dispatcher = self._dispatcher_for(engine)
+        await dispatcher.start()
+        self._mark_serving(engine)
+        return Route(version, engine, dispatcher)
+
+    def _mark_serving(self, engine: Engine) -> None:
+        self.metrics.model_info.labels(model=engine.model_name, version=engine.model_version).set(1)
+
+    async def apply_control(self, command: dict[str, Any]) -> None:
+        """Apply one rollout command (see :mod:`streams.rollout`); never raises."""
+        try:
+            await self.router.apply(command)
+        except Exception:
+            logger.exception("control command %s failed; rollout unchanged", command)
+
+    def _on_outcome(self, context: _Context, future: asyncio.Future) -> None:
         if future.cancelled():
             outcome = BatchOutcome(None, RuntimeError("cancelled"), 0, 0.0, 0.0)
         else:
@@ -211,13 +265,13 @@ class IntakePipeline:
 
     # -- output ------------------------------------------------------------------------
     def _publish_result(
-        self, context: tuple[str, int, int], outcome: BatchOutcome | None, expired: bool = False
+        self, context: _Context, outcome: BatchOutcome | None, expired: bool = False
     ) -> None:
-        request_id, created_ms, read_ms = context
+        request_id, created_ms, read_ms, engine = context
         record = result_record(
             request_id=request_id,
-            model=self.engine.model_name,
-            model_version=self.engine.model_version,
+            model=engine.model_name,
+            model_version=engine.model_version,
             outcome=outcome,
             created_ms=created_ms,
             read_ms=read_ms,

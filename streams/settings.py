@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     results_topic: str = "llm.results"
     dlq_topic: str = "llm.requests.dlq"
     feedback_topic: str = "llm.feedback"
+    feedback_dlq_topic: str = "llm.feedback.dlq"
     training_topic: str = "llm.training-examples"
     metrics_topic: str = "llm.metrics"
     control_topic: str = "llm.control"
@@ -54,14 +55,36 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1)
 
     # --- model -------------------------------------------------------------------------
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "tensorrt_llm", "benchmark"] = Field(
+        "torch",
+        description="torch (reference, CPU/GPU), tensorrt_llm (GPU, in-flight batching), "
+        "benchmark (zero-cost fixed completion, for measuring the pipeline itself).",
+    )
     model_name: str = Field("smollm2-135m-instruct", description="Name requests may ask for.")
     model_path: Path | None = Field(
         None, description="A local Hugging Face causal-LM folder. Unset: SmolLM2-135M-Instruct."
     )
     model_version: str | None = Field(None, description="Unset: derived from the weights.")
+    registry_dir: Path | None = Field(
+        None, description="Model registry (versions for rollouts). Unset: <home>/registry."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, description="Unset: torch's default.")
+    torch_quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 quantization of the Linear layers (CPU)."
+    )
+    trt_model: str | None = Field(
+        None, description="TensorRT-LLM: HF model folder/name or engine dir given to LLM()."
+    )
+    trt_max_batch_size: int = Field(64, ge=1, description="TensorRT-LLM engine batch size.")
+    trt_max_num_tokens: int = Field(8192, ge=1)
+    trt_kv_cache_free_gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
+    trt_inflight_factor: float = Field(
+        1.5, ge=1, description="In-flight requests = factor x trt_max_batch_size."
+    )
+    benchmark_completion_tokens: int = Field(
+        16, ge=1, description="benchmark backend: tokens in its fixed completion."
+    )
 
     # --- admission and batching -----------------------------------------------------------
     max_prompt_chars: int = Field(16_000, ge=1)
@@ -73,6 +96,17 @@ class Settings(BaseSettings):
     max_inflight: int = Field(256, ge=1, description="Accepted but unanswered requests.")
     dedup_capacity: int = Field(200_000, ge=0, description="Answered request_ids remembered.")
     commit_interval_ms: float = Field(200.0, gt=0)
+
+    # --- feedback join -----------------------------------------------------------------------
+    feedback_join: bool = Field(
+        True, description="Run the feedback join agent in this worker (llm.training-examples)."
+    )
+    feedback_window_ms: int = Field(
+        24 * 3600 * 1000, ge=1, description="How long a result waits for its feedback."
+    )
+    feedback_wait_ms: int = Field(
+        10 * 60 * 1000, ge=1, description="How long early feedback waits for its result."
+    )
 
     # --- worker ---------------------------------------------------------------------------
     worker_id: str = Field(
@@ -103,3 +137,7 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.registry_dir or self.home / "registry"

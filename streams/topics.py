@@ -26,6 +26,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.results_topic, n, {"retention.ms": week}),
         TopicSpec(settings.dlq_topic, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
         TopicSpec(settings.feedback_topic, n, {"retention.ms": "-1"}),
+        TopicSpec(settings.feedback_dlq_topic, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
         TopicSpec(settings.training_topic, n, {"cleanup.policy": "compact"}),
         TopicSpec(settings.metrics_topic, 1, {"retention.ms": week}),
         TopicSpec(settings.control_topic, 1, {"retention.ms": "-1"}),

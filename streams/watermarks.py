@@ -51,8 +51,14 @@ class OffsetWatermarks:
     def finish(self, tp: Hashable, offset: int) -> None:
         """Record that ``offset`` is answered (its result or dead letter is on the broker)."""
         marks = self._parts.get(tp)
-        if marks is not None:
-            marks.done.add(offset)
+        if marks is None or marks.next_offset is None:
+            return
+        if offset >= marks.next_offset or not marks.pending or offset < marks.pending[0]:
+            # Not in flight: already below the mark (a second answer), or read before a seek
+            # back and not read again yet (its re-delivered copy is finished on its own).
+            # Recording it would leak in ``done`` and make ``in_flight`` undercount.
+            return
+        marks.done.add(offset)
 
     def in_flight(self, tp: Hashable | None = None) -> int:
         parts = self._parts.values() if tp is None else [self._parts.get(tp)]

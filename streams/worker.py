@@ -13,9 +13,11 @@ import socket
 import faust
 from prometheus_client import CollectorRegistry
 
+from inference.backends.base import Engine
 from schemas.codec import codec_from_registry_url
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
+from streams.control import ControlListener
 from streams.dedup import load_answered
 from streams.engines import build_engine
 from streams.metrics import WorkerMetrics, serve_metrics
@@ -57,7 +59,27 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         _, port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
     codec = codec_from_registry_url(settings.schema_registry_url)
-    return IntakePipeline(settings, engine, codec, metrics, answered)
+
+    async def load_version(version: str) -> Engine:
+        from inference.registry import ModelRegistry
+
+        folder = ModelRegistry(settings.registry_path).path(version)
+        versioned = settings.model_copy(update={"model_path": folder, "model_version": version})
+        candidate = build_engine(versioned)
+        await candidate.start()
+        return candidate
+
+    pipeline = IntakePipeline(settings, engine, codec, metrics, answered, load_version)
+    pipeline.control = ControlListener(
+        bootstrap,
+        settings.control_topic,
+        codec,
+        pipeline.apply_control,
+        settings.kafka_client_options(),
+    )
+    applied = await pipeline.control.catch_up()
+    logger.info("rollout: %d control commands applied: %s", applied, pipeline.router.state)
+    return pipeline
 
 
 def _free_port() -> int:

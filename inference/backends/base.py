@@ -23,6 +23,10 @@ class Engine(abc.ABC):
     model_version: str
     #: Largest batch the engine runs at once (its capacity).
     max_batch_size: int = 16
+    #: True for engines that re-form their batch every iteration (TensorRT-LLM in-flight
+    #: batching): the pipeline then submits each request at once with ``generate_one``
+    #: (bounded in number) instead of forming micro-batches that wait for their slowest.
+    inflight_batching: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -41,6 +45,13 @@ class Engine(abc.ABC):
         self, batch: Sequence[GenerationRequest]
     ) -> list[Completion | BaseException]:
         """Run one batch; one outcome per request, in order."""
+
+    async def generate_one(self, request: GenerationRequest) -> Completion:
+        """Run one request (engines with ``inflight_batching``); raise on its failure."""
+        outcome = (await self.generate([request]))[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     @property
     def is_healthy(self) -> bool:

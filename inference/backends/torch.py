@@ -38,6 +38,7 @@ class TorchEngine(Engine):
         device: str = "auto",
         max_batch_size: int = 16,
         threads: int | None = None,
+        quantize: str = "none",
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_name = model_name
@@ -45,6 +46,7 @@ class TorchEngine(Engine):
         self.max_batch_size = max_batch_size
         self._device_setting = device
         self._threads = threads
+        self.quantize = quantize
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
         self._model: Any = None
         self._tokenizer: Any = None
@@ -85,6 +87,8 @@ class TorchEngine(Engine):
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         self._model = model.to(self.device).eval()
+        if self.quantize == "int8":
+            self._quantize_int8()
         self._eos_ids = self._end_token_ids()
         pad = self._tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
@@ -97,6 +101,19 @@ class TorchEngine(Engine):
             self.dtype,
             sorted(self._eos_ids),
         )
+
+    def _quantize_int8(self) -> None:
+        """Dynamic int8 quantization of every Linear layer (weights int8, activations
+        quantized on the fly). CPU only; the version says so on every result."""
+        import torch
+
+        if self.device != "cpu":
+            raise EngineError("int8 dynamic quantization runs on CPU only")
+        self._model = torch.ao.quantization.quantize_dynamic(
+            self._model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+        self.dtype = "int8-dynamic"
+        self.model_version = f"{self.model_version}+int8"
 
     def _warm_up(self) -> None:
         """One tiny generation, so the first real batch does not pay for lazy init."""

@@ -93,6 +93,10 @@ async def submit_all(
     return [await batcher.submit(r) for r in requests]
 
 
+async def stop(batcher: MicroBatcher, timeout: float = WAIT) -> None:
+    await asyncio.wait_for(batcher.stop(), timeout)
+
+
 def flat(batches: list[list[str]]) -> list[str]:
     return [rid for batch in batches for rid in batch]
 
@@ -123,7 +127,7 @@ async def test_batches_respect_max_batch_size() -> None:
     futures = await submit_all(batcher, [req(f"r{i}") for i in range(7)])
     await batcher.start()  # everything is queued before the loop looks
     results = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert [len(b) for b in engine.batches] == [3, 3, 1]
     assert flat(engine.batches) == [f"r{i}" for i in range(7)]
@@ -140,7 +144,7 @@ async def test_batches_respect_max_batch_tokens() -> None:
     futures = await submit_all(batcher, requests)
     await batcher.start()
     results = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert [len(b) for b in engine.batches] == [2, 2, 1]
     assert all(o.ok for o in results)
@@ -154,7 +158,7 @@ async def test_token_cost_counts_the_output_budget() -> None:
     futures = await submit_all(batcher, requests)
     await batcher.start()
     await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert [len(b) for b in engine.batches] == [1, 1, 1]
 
@@ -171,7 +175,7 @@ async def test_request_over_the_token_budget_runs_alone() -> None:
     futures = await submit_all(batcher, requests)
     await batcher.start()
     results = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert all(o.ok for o in results)
     huge_batches = [b for b in engine.batches if "huge" in b]
@@ -189,7 +193,7 @@ async def test_request_over_the_budget_at_the_head_does_not_take_company() -> No
     futures = await submit_all(batcher, requests)
     await batcher.start()
     await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches[0] == ["huge"]
     assert engine.batches[1] == ["small-0", "small-1", "small-2"]
@@ -207,7 +211,7 @@ async def test_partial_batch_waits_for_max_wait() -> None:
     (future,) = await submit_all(batcher, [req("only")])
     await outcomes([future])
     elapsed = time.monotonic() - t0
-    await batcher.stop()
+    await stop(batcher)
 
     # Started no earlier than (about) max_wait after it was queued, and not much later.
     assert elapsed >= max_wait * 0.5
@@ -226,7 +230,7 @@ async def test_wait_is_counted_from_the_oldest_request() -> None:
     second = await batcher.submit(req("second"))
     await outcomes([first, second])
     elapsed = time.monotonic() - t0
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches == [["first", "second"]]
     # Had the second arrival restarted the clock the batch would start at >= 0.4 s.
@@ -241,7 +245,7 @@ async def test_full_batch_starts_without_waiting() -> None:
     futures = await submit_all(batcher, [req("a"), req("b")])
     # max_wait is 30 s: only "full means go" can finish these within the timeout.
     results = await asyncio.wait_for(asyncio.gather(*futures), 2.0)
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches == [["a", "b"]]
     assert all(o.ok for o in results)
@@ -253,7 +257,7 @@ async def test_token_full_batch_starts_without_waiting() -> None:
     await batcher.start()
     future = await batcher.submit(req("big", prompt_len=6, max_new=4))
     result = await asyncio.wait_for(future, 2.0)
-    await batcher.stop()
+    await stop(batcher)
 
     assert result.ok
 
@@ -268,7 +272,7 @@ async def test_requests_queued_during_a_batch_form_the_next_batch() -> None:
     later = await submit_all(batcher, [req(f"later-{i}") for i in range(3)])
     gate.set()
     await outcomes([first, *later])
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches == [["first"], ["later-0", "later-1", "later-2"]]
 
@@ -283,7 +287,7 @@ async def test_higher_priority_goes_first() -> None:
     futures = await submit_all(batcher, [req(k, priority=v) for k, v in priorities.items()])
     await batcher.start()
     await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches == [["p9", "p5"], ["p3", "p1"], ["p0"]]
 
@@ -295,7 +299,7 @@ async def test_equal_priority_is_first_come_first_served() -> None:
     futures = await submit_all(batcher, requests)
     await batcher.start()
     await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches == [["a", "c"], ["b", "d"], ["e"]]
 
@@ -312,7 +316,7 @@ async def test_priority_applies_to_requests_queued_while_the_engine_is_busy() ->
     )
     gate.set()
     await outcomes([blocker, *queued])
-    await batcher.stop()
+    await stop(batcher)
 
     assert engine.batches == [["blocker"], ["high"], ["mid"], ["low"]]
 
@@ -332,7 +336,7 @@ async def test_expired_requests_never_reach_the_engine() -> None:
     futures = await submit_all(batcher, requests)
     await batcher.start()
     live, dead, free = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert dead.expired
     assert dead.completion is None and dead.error is None and not dead.ok
@@ -353,7 +357,7 @@ async def test_request_that_expires_while_queued_is_not_run() -> None:
     await asyncio.sleep(0.15)  # its deadline passes while the engine is busy
     gate.set()
     _, outcome = await outcomes([blocker, short])
-    await batcher.stop()
+    await stop(batcher)
 
     assert outcome.expired
     assert engine.batches == [["blocker"]]
@@ -369,7 +373,7 @@ async def test_each_request_gets_its_own_outcome_once() -> None:
     requests = [req(f"r{i}", prompt_len=i + 1) for i in range(10)]
     futures = await submit_all(batcher, requests)
     results = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert [o.completion.text for o in results] == [f"out:{r.request_id}" for r in requests]  # type: ignore[union-attr]
     assert [o.completion.prompt_tokens for o in results] == [i + 1 for i in range(10)]  # type: ignore[union-attr]
@@ -394,7 +398,7 @@ async def test_poison_request_fails_alone_and_the_loop_keeps_serving() -> None:
     assert sorted(engine.batches[1:]) == [["a"], ["b"], ["c"], ["poison"]]
 
     (later,) = await outcomes(await submit_all(batcher, [req("later")]))
-    await batcher.stop()
+    await stop(batcher)
     assert later.ok and later.completion.text == "out:later"  # type: ignore[union-attr]
 
 
@@ -415,7 +419,7 @@ async def test_wrong_number_of_outcomes_fails_each_request_and_loop_survives() -
 
     broken = False
     (later,) = await outcomes(await submit_all(batcher, [req("later")]))
-    await batcher.stop()
+    await stop(batcher)
     assert later.ok
 
 
@@ -427,7 +431,7 @@ async def test_too_few_outcomes_is_also_an_error() -> None:
     futures = await submit_all(batcher, [req("a"), req("b")])
     await batcher.start()
     results = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
     assert all(isinstance(o.error, EngineError) for o in results)
 
 
@@ -445,7 +449,7 @@ async def test_exception_instance_fails_only_its_request() -> None:
     futures = await submit_all(batcher, [req("a"), req("bad"), req("c")])
     await batcher.start()
     a, bad, c = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert isinstance(bad.error, RuntimeError) and str(bad.error) == "bad bad"
     assert bad.completion is None
@@ -462,7 +466,7 @@ async def test_non_completion_outcome_becomes_an_engine_error() -> None:
     futures = await submit_all(batcher, [req("a"), req("odd")])
     await batcher.start()
     a, odd = await outcomes(futures)
-    await batcher.stop()
+    await stop(batcher)
 
     assert a.ok
     assert isinstance(odd.error, EngineError) and odd.completion is None
@@ -485,7 +489,7 @@ async def test_engine_that_raises_cancelled_error_does_not_kill_the_loop() -> No
 
     fail = False
     (later,) = await outcomes(await submit_all(batcher, [req("later")]))
-    await asyncio.wait_for(batcher.stop(), WAIT)
+    await stop(batcher)
     assert later.ok
 
 
@@ -498,7 +502,7 @@ async def test_owner_cancelled_request_is_skipped_and_frees_its_slot() -> None:
     third = await asyncio.wait_for(batcher.submit(req("third")), 1.0)
     await batcher.start()
     await outcomes([keep, third])
-    await batcher.stop()
+    await stop(batcher)
 
     assert "drop" not in flat(engine.batches)
     assert sorted(flat(engine.batches)) == ["keep", "third"]
@@ -524,7 +528,7 @@ async def test_submit_waits_while_the_queue_is_full() -> None:
     gate.set()  # the engine finishes "first": its slot frees up
     third = await asyncio.wait_for(third_submit, WAIT)
     results = await outcomes([first, second, third])
-    await batcher.stop()
+    await stop(batcher)
     assert [o.completion.text for o in results] == ["out:first", "out:second", "out:third"]  # type: ignore[union-attr]
 
 
@@ -536,7 +540,7 @@ async def test_stop_drains_queued_requests() -> None:
     futures = await submit_all(batcher, [req(f"r{i}") for i in range(5)])
     await asyncio.sleep(0.01)
     assert not any(f.done() for f in futures)
-    await asyncio.wait_for(batcher.stop(), 2.0)
+    await stop(batcher, 2.0)
 
     assert all(f.done() for f in futures)
     assert all(f.result().ok for f in futures)
@@ -549,7 +553,7 @@ async def test_stop_drains_more_than_one_batch() -> None:
     batcher = MicroBatcher(engine, max_batch_size=2, max_wait_s=30.0)
     futures = await submit_all(batcher, [req(f"r{i}") for i in range(5)])
     await batcher.start()
-    await asyncio.wait_for(batcher.stop(), 2.0)
+    await stop(batcher, 2.0)
     assert all(f.done() and f.result().ok for f in futures)
     assert [len(b) for b in engine.batches] == [2, 2, 1]
 
@@ -557,7 +561,7 @@ async def test_stop_drains_more_than_one_batch() -> None:
 async def test_submit_after_stop_raises() -> None:
     batcher = MicroBatcher(FakeEngine(), max_wait_s=0.0)
     await batcher.start()
-    await batcher.stop()
+    await stop(batcher)
     with pytest.raises(BatcherClosedError):
         await batcher.submit(req("late"))
 
@@ -648,7 +652,7 @@ async def test_batching_invariants(
         await asyncio.sleep(0)
     try:
         results = dict(zip(futures, await outcomes(list(futures.values())), strict=True))
-        await batcher.stop()
+        await stop(batcher)
     finally:
         logging.getLogger("inference.batcher").removeHandler(errors)
 

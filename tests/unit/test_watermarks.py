@@ -1,0 +1,246 @@
+"""OffsetWatermarks: commit only up to the lowest unfinished offset of each partition."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.watermarks import OffsetWatermarks
+
+TP = ("llm.requests", 0)
+TP1 = ("llm.requests", 1)
+
+
+def commit(marks: OffsetWatermarks) -> dict[Hashable, int]:
+    """What a commit loop does: take the moved watermarks and record them as committed."""
+    moved = marks.committable()
+    marks.mark_committed(moved)
+    return moved
+
+
+def test_nothing_tracked_nothing_to_commit() -> None:
+    marks = OffsetWatermarks()
+    assert marks.committable() == {}
+    assert marks.in_flight() == 0
+
+
+def test_in_order_finish_moves_the_mark_one_by_one() -> None:
+    marks = OffsetWatermarks()
+    for offset in range(10, 13):
+        marks.track(TP, offset)
+    assert marks.committable() == {TP: 10}  # nothing finished: "everything below 10"
+    marks.finish(TP, 10)
+    assert marks.committable() == {TP: 11}
+    marks.finish(TP, 11)
+    assert marks.committable() == {TP: 12}
+    marks.finish(TP, 12)
+    assert marks.committable() == {TP: 13}  # all answered: the next offset to read
+    assert marks.in_flight(TP) == 0
+
+
+def test_out_of_order_finish_commits_only_below_the_lowest_unfinished() -> None:
+    marks = OffsetWatermarks()
+    for offset in range(5):
+        marks.track(TP, offset)
+    for offset in (4, 2, 3):
+        marks.finish(TP, offset)
+    assert marks.committable() == {TP: 0}
+    assert marks.in_flight(TP) == 2
+    marks.finish(TP, 1)
+    assert marks.committable() == {TP: 0}  # 0 still unfinished
+    marks.finish(TP, 0)
+    assert marks.committable() == {TP: 5}  # jumps over everything already done
+    assert marks.in_flight(TP) == 0
+
+
+def test_gaps_in_offsets_are_skipped() -> None:
+    """Offsets need not be contiguous (compaction, transaction markers)."""
+    marks = OffsetWatermarks()
+    for offset in (3, 7, 8, 20):
+        marks.track(TP, offset)
+    marks.finish(TP, 3)
+    assert marks.committable() == {TP: 7}
+    marks.finish(TP, 8)
+    marks.finish(TP, 7)
+    assert marks.committable() == {TP: 20}
+    marks.finish(TP, 20)
+    assert marks.committable() == {TP: 21}
+
+
+def test_partitions_are_independent() -> None:
+    marks = OffsetWatermarks()
+    for offset in range(3):
+        marks.track(TP, offset)
+        marks.track(TP1, 100 + offset)
+    marks.finish(TP, 0)
+    marks.finish(TP, 1)
+    marks.finish(TP1, 101)  # partition 1's 100 is still open
+    assert marks.committable() == {TP: 2, TP1: 100}
+    assert marks.in_flight(TP) == 1
+    assert marks.in_flight(TP1) == 2
+    assert marks.in_flight() == 3
+    marks.finish(TP1, 100)
+    assert marks.committable()[TP1] == 102
+    assert marks.committable()[TP] == 2
+
+
+def test_committable_returns_only_partitions_that_moved() -> None:
+    marks = OffsetWatermarks()
+    marks.track(TP, 0)
+    marks.track(TP1, 0)
+    assert commit(marks) == {TP: 0, TP1: 0}
+    assert marks.committable() == {}  # nothing moved since
+    marks.finish(TP, 0)
+    assert commit(marks) == {TP: 1}
+    assert marks.committable() == {}
+    marks.finish(TP1, 0)
+    assert commit(marks) == {TP1: 1}
+
+
+def test_without_mark_committed_the_same_offsets_stay_committable() -> None:
+    """A failed commit (mark_committed not called) is offered again next time."""
+    marks = OffsetWatermarks()
+    marks.track(TP, 0)
+    marks.finish(TP, 0)
+    assert marks.committable() == {TP: 1}
+    assert marks.committable() == {TP: 1}
+    marks.mark_committed({TP: 1})
+    assert marks.committable() == {}
+
+
+def test_mark_committed_ignores_unknown_partitions() -> None:
+    marks = OffsetWatermarks()
+    marks.mark_committed({("other", 9): 5})
+    assert marks.committable() == {}
+
+
+def test_finish_for_an_unknown_partition_is_ignored() -> None:
+    marks = OffsetWatermarks()
+    marks.finish(TP, 3)
+    assert marks.committable() == {}
+    assert marks.in_flight() == 0
+
+
+def test_forget_drops_a_partition() -> None:
+    marks = OffsetWatermarks()
+    marks.track(TP, 0)
+    marks.track(TP1, 0)
+    marks.forget([TP])
+    assert marks.committable() == {TP1: 0}
+    assert marks.in_flight() == 1
+    marks.finish(TP, 0)  # a late answer for a revoked partition changes nothing
+    assert TP not in marks.committable()
+    marks.forget([TP, ("never", 1)])  # forgetting twice or unknown is fine
+
+
+def test_reassigned_partition_starts_fresh() -> None:
+    marks = OffsetWatermarks()
+    marks.track(TP, 0)
+    marks.finish(TP, 0)
+    commit(marks)
+    marks.forget([TP])
+    marks.track(TP, 1)
+    assert marks.committable() == {TP: 1}  # new state: 1 is unfinished
+
+
+def test_redelivery_after_seek_resets_the_partition() -> None:
+    marks = OffsetWatermarks()
+    for offset in range(10, 15):
+        marks.track(TP, offset)
+    marks.finish(TP, 10)
+    assert commit(marks) == {TP: 11}
+    # A rebalance seeks back to the committed offset and the records come again.
+    marks.track(TP, 11)
+    assert marks.in_flight(TP) == 1  # only the re-delivered record is in flight now
+    assert marks.committable() == {}  # still 11: nothing new answered
+    marks.track(TP, 12)
+    marks.finish(TP, 11)
+    assert commit(marks) == {TP: 12}
+    marks.finish(TP, 12)
+    assert commit(marks) == {TP: 13}
+
+
+def test_answers_from_before_a_seek_do_not_count_for_records_not_read_again() -> None:
+    """After a seek back, a late answer for a pre-seek copy leaves the accounting intact."""
+    marks = OffsetWatermarks()
+    for offset in range(5):
+        marks.track(TP, offset)
+    marks.track(TP, 2)  # seek back to 2: 2 is read again
+    # The old copies of 3 and 4 get answered late, before 3 and 4 are read again.
+    for offset in (3, 4):
+        marks.finish(TP, offset)
+    assert marks.in_flight(TP) == 1  # the re-delivered 2
+    marks.finish(TP, 2)
+    assert marks.in_flight(TP) == 0
+    assert commit(marks) == {TP: 3}
+    marks.track(TP, 3)  # re-delivered 3: this copy is not answered yet
+    assert marks.in_flight(TP) == 1
+    assert marks.committable() == {}  # the mark stays at 3 until it finishes
+    marks.finish(TP, 3)
+    assert commit(marks) == {TP: 4}
+    assert marks.in_flight(TP) == 0
+
+
+def test_duplicate_and_stale_finishes_never_make_in_flight_negative() -> None:
+    marks = OffsetWatermarks()
+    for offset in range(3):
+        marks.track(TP, offset)
+    marks.finish(TP, 0)
+    marks.finish(TP, 0)
+    assert marks.in_flight(TP) == 2
+    commit(marks)  # the mark passes 0
+    marks.finish(TP, 0)  # a second answer for an offset already below the mark
+    assert marks.in_flight(TP) == 2
+    marks.finish(TP, 1)
+    marks.finish(TP, 2)
+    assert commit(marks) == {TP: 3}
+    assert marks.in_flight(TP) == 0
+    marks.finish(TP, 1)
+    marks.finish(TP, 99)  # never tracked
+    assert marks.in_flight(TP) == 0
+    marks.track(TP, 3)
+    assert marks.in_flight(TP) == 1
+    assert marks.committable() == {}  # 3 is open: the mark does not pass it
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    start=st.integers(0, 10**12),
+    steps=st.lists(st.integers(1, 3), min_size=1, max_size=40),
+)
+def test_watermark_is_never_beyond_an_unfinished_offset(
+    data: st.DataObject, start: int, steps: list[int]
+) -> None:
+    offsets = []
+    offset = start
+    for step in steps:
+        offsets.append(offset)
+        offset += step  # gaps of up to 2 offsets
+    order = data.draw(st.permutations(offsets))
+    commit_every = data.draw(st.sampled_from([None, 1, 2, 5]))
+    marks = OffsetWatermarks()
+    for o in offsets:
+        marks.track(TP, o)
+    next_offset = offsets[-1] + 1
+    unfinished = set(offsets)
+    last = commit(marks)[TP]
+    assert last == offsets[0]
+    for i, o in enumerate(order):
+        marks.finish(TP, o)
+        unfinished.discard(o)
+        assert marks.in_flight(TP) == len(unfinished)
+        if commit_every is None or i % commit_every:
+            continue
+        moved = commit(marks)
+        expected = min(unfinished) if unfinished else next_offset
+        if moved:
+            assert moved[TP] > last  # a watermark only ever moves forward
+            last = moved[TP]
+        assert last == expected
+    final = commit(marks)
+    last = final.get(TP, last)
+    assert last == next_offset
+    assert marks.committable() == {}
