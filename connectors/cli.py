@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -23,6 +24,11 @@ kafka_app = typer.Typer(
     help="The local single-node Apache Kafka broker (KRaft).", no_args_is_help=True
 )
 app.add_typer(kafka_app, name="kafka")
+model_app = typer.Typer(
+    help="Model versions: the registry on disk and rollouts on llm.control.",
+    no_args_is_help=True,
+)
+app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
 
@@ -99,7 +105,7 @@ def send(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int | None = typer.Option(None, "--seed"),
     system: str | None = typer.Option(None, "--system"),
-    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),  # noqa: B008
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for the answer."),
 ) -> None:
     """Publish one prompt, wait for its answer, print it with latency and tokens."""
@@ -197,6 +203,246 @@ def tail(
         )
     )
     err.print(f"[dim]{count} records[/]")
+
+
+# -- replay -------------------------------------------------------------------------------
+@app.command()
+def replay(
+    topic: str = typer.Argument(..., help="Any Sluice topic, e.g. llm.training-examples"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (.jsonl or .parquet)."),
+    since: str | None = typer.Option(
+        None, "--since", help="Start time: ISO-8601, epoch ms, now, -15m, -2h, -1d."
+    ),
+    until: str | None = typer.Option(None, "--until", help="End time (exclusive), same forms."),
+    from_offset: int | None = typer.Option(None, "--from-offset", help="Per partition, inclusive."),
+    to_offset: int | None = typer.Option(None, "--to-offset", help="Per partition, exclusive."),
+    model_version: str | None = typer.Option(None, "--model-version"),
+    min_score: int | None = typer.Option(None, "--min-score"),
+    max_score: int | None = typer.Option(None, "--max-score"),
+    dedup: bool = typer.Option(
+        True, "--dedup/--no-dedup", help="Keep only the last record per request_id."
+    ),
+    fmt: str | None = typer.Option(None, "--format", help="jsonl or parquet (default: suffix)."),
+) -> None:
+    """Export a range of a topic to JSONL or Parquet, without touching the workers' group."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from connectors.replay import parse_time
+    from connectors.replay import replay as run_replay
+    from schemas.codec import codec_from_registry_url
+    from streams.bootstrap import resolve_bootstrap
+
+    settings = _settings()
+    try:
+        since_ms = parse_time(since) if since else None
+        until_ms = parse_time(until) if until else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with Progress(
+        TextColumn("replaying {task.description}"), BarColumn(), MofNCompleteColumn(), console=err
+    ) as progress:
+        task = progress.add_task(topic, total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total or None)
+
+        summary = asyncio.run(
+            run_replay(
+                resolve_bootstrap(settings),
+                topic,
+                out,
+                fmt=fmt,  # type: ignore[arg-type]
+                since_ms=since_ms,
+                until_ms=until_ms,
+                from_offset=from_offset,
+                to_offset=to_offset,
+                model_version=model_version,
+                min_score=min_score,
+                max_score=max_score,
+                dedup=dedup,
+                codec=codec_from_registry_url(settings.schema_registry_url),
+                client_options=settings.kafka_client_options(),
+                progress=on_progress,
+            )
+        )
+    err.print(
+        f"read {summary.read}, wrote {summary.written} to {summary.out} ({summary.fmt}); "
+        f"filtered {summary.skipped_filtered}, duplicates {summary.skipped_duplicates}, "
+        f"undecodable {summary.undecodable}, tombstones {summary.tombstones}; "
+        f"{summary.elapsed_s:.1f}s"
+    )
+
+
+# -- retrain ------------------------------------------------------------------------------
+@app.command()
+def retrain(
+    examples: Path = typer.Option(..., "--examples", "-e", help="JSONL/Parquet from replay."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the new model version."),
+    base: Path | None = typer.Option(
+        None, "--base", help="Base model folder (default: the served model)."
+    ),
+    method: str = typer.Option("lora", "--method", help="lora or full."),
+    epochs: int = typer.Option(3, "--epochs"),
+    learning_rate: float | None = typer.Option(None, "--lr"),
+    holdout: float = typer.Option(0.25, "--holdout", help="Held-out fraction for the gate."),
+    min_improvement: float = typer.Option(
+        0.0, "--min-improvement", help="Required held-out NLL gain (nats)."
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    register: bool = typer.Option(
+        True,
+        "--register/--no-register",
+        help="Add the new version to the model registry if it passes.",
+    ),
+) -> None:
+    """Fine-tune on training examples, evaluate against the base, gate, register."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from inference.backends.model_files import resolve_model_dir
+    from inference.registry import ModelRegistry
+    from inference.retrain import GateRefused, gate
+    from inference.retrain import retrain as run_retrain
+
+    settings = _settings()
+    base_dir = base or resolve_model_dir(settings.model_path, settings.model_cache_dir)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=err,
+    ) as progress:
+        task = progress.add_task("retraining", total=1.0, info="")
+
+        def on_progress(stage: str, fraction: float) -> None:
+            progress.update(task, completed=fraction, info=stage)
+
+        report = run_retrain(
+            examples,
+            base_dir,
+            out,
+            method=method,  # type: ignore[arg-type]
+            epochs=epochs,
+            learning_rate=learning_rate,
+            holdout_fraction=holdout,
+            min_improvement=min_improvement,
+            seed=seed,
+            progress=on_progress,
+        )
+    h = report.heldout
+    err.print(
+        f"held-out NLL: base {h.base_nll:.4f} -> new {h.new_nll:.4f} "
+        f"(perplexity {h.base_perplexity:.2f} -> {h.new_perplexity:.2f}); "
+        f"{report.steps} steps, {report.duration_seconds:.1f}s, "
+        f"peak RSS {report.peak_rss_mb:.0f} MB"
+    )
+    try:
+        gate(report)
+    except GateRefused as exc:
+        err.print(f"[red]gate refused[/]: {escape(str(exc))}")
+        raise typer.Exit(4) from exc
+    if register:
+        registry = ModelRegistry(settings.registry_path)
+        registry.ensure_base(base_dir)
+        version = registry.register(report.model_dir)
+        err.print(
+            f"registered {version} in {settings.registry_path}; roll it out with "
+            f"`sluice model load {version}` then `sluice model canary 20`"
+        )
+    print(report.version)
+
+
+# -- model rollout ---------------------------------------------------------------------------
+def _registry():  # type: ignore[no-untyped-def]
+    from inference.registry import ModelRegistry
+
+    return ModelRegistry(_settings().registry_path)
+
+
+def _send_control(command: str, version: str | None = None, percent: int | None = None) -> None:
+    import getpass
+
+    from connectors.client import SluiceClient
+
+    settings = _settings()
+
+    async def go() -> str:
+        client = SluiceClient(settings)
+        await client.start(watch_results=False)
+        try:
+            return await client.send_control(
+                command,
+                model=settings.model_name,
+                version=version,
+                percent=percent,
+                issued_by=getpass.getuser(),
+            )
+        finally:
+            await client.stop()
+
+    command_id = asyncio.run(go())
+    err.print(
+        f"{command} sent on {settings.control_topic} (command {command_id}); "
+        "every worker applies it"
+    )
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """Registered versions and the rollout state."""
+    from rich.table import Table
+
+    registry = _registry()
+    state = registry.state()
+    table = Table(title=f"Model registry ({_settings().registry_path})")
+    for column in ("version", "role", "registered", "path"):
+        table.add_column(column)
+    for info in registry.versions():
+        role = (
+            "current"
+            if info.version == state.current
+            else f"candidate ({state.canary_percent}%)"
+            if info.version == state.candidate
+            else ""
+        )
+        table.add_row(info.version, role, str(info.registered_at), str(info.path))
+    console.print(table)
+
+
+@model_app.command("register")
+def model_register(
+    folder: Path = typer.Argument(..., help="A Hugging Face model folder."),
+    version: str | None = typer.Option(None, "--version"),
+) -> None:
+    """Add a model folder to the registry (copied in)."""
+    print(_registry().register(folder, version))
+
+
+@model_app.command("load")
+def model_load(version: str = typer.Argument(..., help="A registered version.")) -> None:
+    """Load VERSION as the candidate on every worker (0% traffic until `canary`)."""
+    _registry().set_candidate(version)
+    _send_control("LOAD", version=version)
+
+
+@model_app.command("canary")
+def model_canary(percent: int = typer.Argument(..., min=0, max=100)) -> None:
+    """Route PERCENT % of requests (by request_id hash) to the candidate."""
+    _registry().set_canary(percent)
+    _send_control("CANARY", percent=percent)
+
+
+@model_app.command("promote")
+def model_promote() -> None:
+    """Make the candidate the current version everywhere."""
+    _registry().promote()
+    _send_control("PROMOTE")
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Drop the candidate; with none, go back to the previous current version."""
+    _registry().rollback()
+    _send_control("ROLLBACK")
 
 
 # -- demo ---------------------------------------------------------------------------------

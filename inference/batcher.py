@@ -135,8 +135,7 @@ class MicroBatcher:
 
     def _full(self) -> bool:
         return (
-            len(self._heap) >= self.max_batch_size
-            or self._queued_tokens >= self.max_batch_tokens
+            len(self._heap) >= self.max_batch_size or self._queued_tokens >= self.max_batch_tokens
         )
 
     def _take_batch(self) -> list[_Entry]:

@@ -114,7 +114,7 @@ class RetrainDataError(RetrainError):
     reason_code = "retrain_bad_data"
 
 
-class GateRefused(SluiceError):  # noqa: N818 - the name the CLI and docs use
+class GateRefused(SluiceError):
     """The new model did not beat the base model on the held-out examples."""
 
     reason_code = "gate_refused"
@@ -164,6 +164,7 @@ class DataCounts:
     rows_from_positive_response: int
     rows_skipped_no_target: int
     rows_skipped_invalid: int
+    rows_other_schema: int
     rows_duplicate: int
     rows_over_max_examples: int
     train_examples: int
@@ -274,6 +275,7 @@ class LoadedData:
     rows_total: int
     rows_skipped_no_target: int
     rows_skipped_invalid: int
+    rows_other_schema: int
     rows_duplicate: int
 
 
@@ -281,7 +283,9 @@ def read_rows(path: Path) -> list[Any]:
     """The rows of a JSONL or Parquet file (Parquet is recognised by its magic bytes)."""
     path = Path(path)
     if not path.is_file():
-        raise RetrainDataError(f"examples file {path} does not exist (write one with sluice replay)")
+        raise RetrainDataError(
+            f"examples file {path} does not exist (write one with sluice replay)"
+        )
     with path.open("rb") as fh:
         magic = fh.read(4)
     if magic == _PARQUET_MAGIC:
@@ -319,10 +323,14 @@ def load_examples(path: Path) -> LoadedData:
     rows = read_rows(path)
     examples: list[Example] = []
     seen: set[tuple[str, str | None, str, str]] = set()
-    no_target = invalid = duplicate = 0
+    no_target = invalid = other = duplicate = 0
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             invalid += 1
+            continue
+        schema = row.get("_schema")  # replay's metadata column: a mixed dump of topics
+        if isinstance(schema, str) and schema and not schema.endswith("TrainingExample"):
+            other += 1
             continue
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
@@ -358,7 +366,7 @@ def load_examples(path: Path) -> LoadedData:
             continue
         seen.add(key)
         examples.append(Example(request_id, prompt, system, target, source))
-    return LoadedData(tuple(examples), len(rows), no_target, invalid, duplicate)
+    return LoadedData(tuple(examples), len(rows), no_target, invalid, other, duplicate)
 
 
 def split_examples(
@@ -458,18 +466,37 @@ def _collate(batch: Sequence[Encoded], pad_id: int) -> tuple[Any, Any, Any]:
 
 
 def _token_nll(model: Any, ids: Any, mask: Any, labels: Any) -> tuple[Any, int]:
-    """Summed NLL of the labelled tokens (next-token prediction) and how many there are."""
+    """Summed NLL of the labelled tokens (next-token prediction) and how many there are.
+
+    The output head runs only on the positions that predict a target token: with a 49k
+    vocabulary it is a large share of the compute, and most positions are prompt.
+    """
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :]
     targets = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        targets.reshape(-1),
-        ignore_index=_IGNORE,
-        reduction="sum",
-    )
-    return loss, int((targets != _IGNORE).sum())
+    keep = targets != _IGNORE
+    decoder, head = _decoder_and_head(model)
+    if decoder is not None and head is not None:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :]
+        logits = head(hidden[keep])
+        wanted = targets[keep]
+    else:  # a model without the usual decoder / head split: score every position
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1, :]
+        logits, wanted = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
+    loss = F.cross_entropy(logits.float(), wanted, ignore_index=_IGNORE, reduction="sum")
+    return loss, int(keep.sum())
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any]:
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
+    if decoder is model or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    if float(getattr(model.config, "logit_scale", 1.0) or 1.0) != 1.0:
+        return None, None
+    return decoder, head
 
 
 def evaluate_nll(model: Any, encoded: Sequence[Encoded], pad_id: int, batch_size: int) -> float:
@@ -542,7 +569,8 @@ def retrain(
             f"{examples} has {len(usable)} usable example(s) of {loaded.rows_total} rows; at "
             "least 2 are needed (a row is usable with a correction, or with score > 0 and a "
             f"response; skipped: {loaded.rows_skipped_no_target} with score <= 0 and no "
-            f"correction, {loaded.rows_skipped_invalid} invalid)"
+            f"correction, {loaded.rows_skipped_invalid} invalid, {loaded.rows_other_schema} of "
+            "another record type)"
         )
     train_set, heldout_set = split_examples(usable, holdout_fraction)
 
@@ -631,9 +659,10 @@ def retrain(
                 optimizer.step()
             scheduler.step()
             step += 1
-            losses.append(round(float(loss), 6))
+            value = float(loss.detach())
+            losses.append(round(value, 6))
             if progress is not None:
-                progress(f"step {step}/{total_steps}", float(loss))
+                progress(f"step {step}/{total_steps}", value)
     train_seconds = time.monotonic() - train_started
     del optimizer
 
@@ -652,6 +681,7 @@ def retrain(
         rows_from_positive_response=sum(1 for e in usable if e.source == "response"),
         rows_skipped_no_target=loaded.rows_skipped_no_target,
         rows_skipped_invalid=loaded.rows_skipped_invalid,
+        rows_other_schema=loaded.rows_other_schema,
         rows_duplicate=loaded.rows_duplicate,
         rows_over_max_examples=over_max,
         train_examples=len(train_enc),
@@ -690,7 +720,12 @@ def retrain(
 
 
 def _save(
-    model: Any, tokenizer: Any, report: RetrainReport, out_dir: Path, overwrite: bool, started: float
+    model: Any,
+    tokenizer: Any,
+    report: RetrainReport,
+    out_dir: Path,
+    overwrite: bool,
+    started: float,
 ) -> RetrainReport:
     """Stage the folder next to ``out_dir`` and rename it into place."""
     from dataclasses import replace
@@ -734,7 +769,8 @@ Fine-tuned from **{report.base_version}** (`{report.base_model}`) by `sluice ret
 - rows: {c.rows_total} read, {c.rows_used} used ({c.rows_from_correction} corrections, \
 {c.rows_from_positive_response} positively scored responses); skipped: \
 {c.rows_skipped_no_target} with score <= 0 and no correction, {c.rows_skipped_invalid} \
-invalid, {c.rows_duplicate} duplicate, {c.rows_over_max_examples} over max_examples
+invalid, {c.rows_other_schema} of another record type, {c.rows_duplicate} duplicate, \
+{c.rows_over_max_examples} over max_examples
 - split by sha256(request_id): {c.train_examples} train, {c.heldout_examples} held out; \
 {c.truncated} truncated to max_length
 

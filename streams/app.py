@@ -132,9 +132,9 @@ def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipel
     table = app.Table(
         f"{settings.app_id}-feedback-join",
         default=None,
-        partitions=settings.partitions,
-        key_serializer="json",
-        value_serializer="json",
+        partitions=settings.partitions,  # co-partitioned with the three topics
+        key_type=str,
+        value_type=dict,  # JSON on the changelog
     )
 
     def on_outcome(outcome: str) -> None:

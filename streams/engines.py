@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from inference.backends.base import Engine
 from streams.settings import Settings
 
 
-def build_engine(settings: Settings) -> Engine:
-    """The configured backend, not yet started (call ``await engine.start()``)."""
+def build_engine(settings: Settings, registry: Any = None) -> Engine:
+    """The configured backend, not yet started (call ``await engine.start()``).
+
+    ``registry`` (a prometheus ``CollectorRegistry``) receives engine-level metrics where
+    the backend has them (TensorRT-LLM iteration stats)."""
     if settings.backend == "torch":
         from inference.backends.model_files import model_version, resolve_model_dir
         from inference.backends.torch import TorchEngine
@@ -42,5 +47,6 @@ def build_engine(settings: Settings) -> Engine:
             max_batch_size=settings.trt_max_batch_size,
             max_num_tokens=settings.trt_max_num_tokens,
             kv_cache_free_gpu_memory_fraction=settings.trt_kv_cache_free_gpu_memory_fraction,
+            registry=registry,
         )
     raise ValueError(f"unknown backend {settings.backend!r}")

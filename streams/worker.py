@@ -44,7 +44,9 @@ def run_worker(settings: Settings) -> None:
 
 async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
     await ensure_topics(settings, bootstrap)
-    engine = build_engine(settings)
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    engine = build_engine(settings, registry)
     await engine.start()
     answered = await load_answered(
         bootstrap,
@@ -53,8 +55,6 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         settings.kafka_client_options(),
     )
     logger.info("answered index: %d request ids from %s", len(answered), settings.results_topic)
-    registry = CollectorRegistry()
-    metrics = WorkerMetrics(registry)
     if settings.metrics_port >= 0:
         _, port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)

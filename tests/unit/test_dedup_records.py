@@ -138,8 +138,9 @@ def test_ok_result() -> None:
 
 
 def test_error_result_names_the_error() -> None:
-    outcome = BatchOutcome(None, EngineError("boom"), batch_size=2, batch_wait_s=0.0,
-                           inference_s=0.1)
+    outcome = BatchOutcome(
+        None, EngineError("boom"), batch_size=2, batch_wait_s=0.0, inference_s=0.1
+    )
     record = build(outcome)
     assert record["status"] == "ERROR"
     assert record["finish_reason"] == "error"
@@ -198,8 +199,8 @@ def test_timings_are_never_negative_with_skewed_clocks() -> None:
     tokens=st.tuples(st.integers(0, 4096), st.integers(0, 4096)),
     batch_size=st.integers(0, 256),
     waits=st.tuples(st.floats(0, 100), st.floats(0, 100)),
-    created_offset_ms=st.integers(-10**7, 10**7),
-    read_after_ms=st.integers(-10**5, 10**5),
+    created_offset_ms=st.integers(-(10**7), 10**7),
+    read_after_ms=st.integers(-(10**5), 10**5),
     request_id=st.text(min_size=1, max_size=20),
 )
 def test_every_result_record_encodes_and_decodes_equal(
@@ -229,8 +230,10 @@ def test_every_result_record_encodes_and_decodes_equal(
         read_ms=created + read_after_ms,
         worker="w",
     )
-    assert record["status"] == {"ok": "OK", "error": "ERROR", "expired": "EXPIRED",
-                                "none": "ERROR"}[kind]
+    assert (
+        record["status"]
+        == {"ok": "OK", "error": "ERROR", "expired": "EXPIRED", "none": "ERROR"}[kind]
+    )
     assert all(value >= 0.0 for value in record["timings"].values())
     assert round_trip("InferenceResult", record) == record
 
@@ -271,7 +274,10 @@ def test_dead_letter_fields() -> None:
 
 def test_dead_letter_without_key_value_or_request_id() -> None:
     record = dead_letter(
-        source(key=None, value=None), "undecodable", "value is null", request_id=None,
+        source(key=None, value=None),
+        "undecodable",
+        "value is null",
+        request_id=None,
         worker="w-1",
     )
     assert record["original_key"] is None

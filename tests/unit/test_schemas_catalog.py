@@ -16,7 +16,14 @@ from schemas import SchemaCatalog, SchemaError, UnknownSchemaError
 from schemas.resolver import SchemaResolver
 
 SHIPPED = Path(__file__).resolve().parents[2] / "schemas" / "avro"
-RECORDS = ["DeadLetter", "FeedbackEvent", "InferenceRequest", "InferenceResult"]
+RECORDS = [
+    "ControlCommand",
+    "DeadLetter",
+    "FeedbackEvent",
+    "InferenceRequest",
+    "InferenceResult",
+    "TrainingExample",
+]
 
 
 def test_default_loads_every_shipped_schema() -> None:

@@ -1,0 +1,103 @@
+"""A tiny ``sluice bench`` against the session broker: every mode runs, files appear."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from connectors.bench import BENCHMARK_ENGINE, BenchOptions, run_bench
+from streams.settings import Settings
+from tests.conftest import STATE
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    settings = Settings(
+        home=STATE,
+        kafka_bootstrap=kafka_bootstrap,
+        metrics_port=0,
+        # The feedback join agent is not what this test is about (see the bench report).
+        feedback_join=False,
+    )
+    options = BenchOptions(
+        requests=4,
+        pipeline_requests=300,
+        max_new_tokens=4,
+        prompt_words="8,32",
+        batch_sizes="1,2",
+        sweep_requests=2,
+        partitions=2,
+        out_dir=tmp_path / "out",
+    )
+    console = Console(record=True, width=160)
+    report = run_bench(settings, options, console)
+
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    jsons = [f for f in files if f.endswith(".json")]
+    pngs = [f for f in files if f.endswith(".png")]
+    assert len(jsons) == 1, files
+    assert len(pngs) == 3, files  # batch sweep, latency CDF, ceiling added-latency CDF
+    for name in pngs:
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "out" / jsons[0]).read_text())
+    assert saved["schema"] == "sluice-bench/1"
+    assert saved["options"]["requests"] == 4
+    assert saved["environment"]["cpu_count"] >= 1
+    assert saved["environment"]["engine"]["name"] == "TorchEngine"
+
+    direct, pipeline = saved["modes"]["direct"], saved["modes"]["pipeline"]
+    for run in (direct, pipeline):
+        assert run["ok"] == run["requests"] == 4
+        assert run["requests_per_s"] > 0 and run["output_tokens_per_s"] > 0
+        assert run["latency_ms"]["total"]["p99"] > 0
+        assert run["latency_ms"]["inference"]["p50"] > 0
+    assert pipeline["latency_ms"]["e2e"]["p50"] >= pipeline["latency_ms"]["inference"]["p50"]
+    assert pipeline["cpu"]["workers"]["cpu_s"] > 0
+    assert pipeline["worker_exit_codes"] == [0]
+    assert [p["batch_size"] for p in direct["sweep"]] == [1, 2]
+    assert all(p["output_tokens_per_s"] > 0 for p in direct["sweep"])
+
+    ceiling = saved["modes"]["ceiling"]
+    assert ceiling["engine"] == BENCHMARK_ENGINE
+    assert ceiling["saturation"]["ok"] == 300
+    assert ceiling["saturation"]["requests_per_s"] > 0
+    assert ceiling["saturation"]["model_versions"] == ["benchmark"]
+    half = ceiling["half_rate"]
+    assert half["target_rate"] == pytest.approx(0.5 * ceiling["saturation"]["requests_per_s"])
+    assert half["ok"] == half["requests"] > 0
+    assert half["latency_ms"]["added"]["p99"] >= 0
+
+    quantize = saved["quantize"]
+    assert quantize["int8"]["engine"].endswith("int8-dynamic")
+    assert quantize["speedup_requests"] > 0
+    assert 0.0 <= quantize["agreement"]["identical"] <= 1.0
+    assert 0.0 <= quantize["agreement"]["token_overlap"] <= 1.0
+
+    targets = saved["targets"]
+    assert targets["pipeline_vs_direct"]["requests_ratio"] > 0
+    assert targets["ceiling_requests_per_s"]["value"] > 0
+    assert report["files"]["json"].endswith(jsons[0])
+
+    # The per-run topics are gone again.
+    left = asyncio.run(_topics(kafka_bootstrap))
+    for prefix in (pipeline["topics_prefix"], ceiling["topics_prefix"]):
+        assert not [t for t in left if t.startswith(prefix)]
+    out = console.export_text()
+    assert "Targets" in out and "pipeline / direct" in out

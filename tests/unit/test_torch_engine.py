@@ -1,0 +1,223 @@
+"""TorchEngine on the real SmolLM2-135M-Instruct: answers, batching, per-request decoding.
+
+Loads the model once for the module. Outputs stay short (max_new_tokens <= 24) so the file
+runs in well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from inference.backends.torch import TorchEngine
+from inference.errors import EngineError
+from inference.types import Completion, GenerationRequest, Sampling
+
+pytestmark = pytest.mark.slow
+
+FRANCE = "What is the capital of France?"
+STORY = "Tell me a short story about a dragon."
+# Three prompts of clearly different lengths, so a batch of them needs left padding.
+PROMPTS = [
+    "Hi",
+    FRANCE,
+    "Write one sentence about the ocean and explain, in simple words, why it looks blue.",
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(model_dir: Path) -> AsyncIterator[TorchEngine]:
+    eng = TorchEngine(model_dir, model_name="m", model_version="v")
+    await eng.start()
+    yield eng
+    await eng.stop()
+
+
+def request(
+    engine: TorchEngine,
+    prompt: str,
+    *,
+    raw: bool = False,
+    system: str | None = None,
+    rid: str = "r",
+    **sampling: object,
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid,
+        prompt=prompt,
+        sampling=Sampling(**sampling),  # type: ignore[arg-type]
+        system=system,
+        raw=raw,
+        prompt_ids=engine.encode_prompt(prompt, system=system, raw=raw),
+    )
+
+
+async def run_one(engine: TorchEngine, req: GenerationRequest) -> Completion:
+    (outcome,) = await engine.generate([req])
+    assert isinstance(outcome, Completion), outcome
+    return outcome
+
+
+async def run_batch(engine: TorchEngine, reqs: list[GenerationRequest]) -> list[Completion]:
+    outcomes = await engine.generate(reqs)
+    assert len(outcomes) == len(reqs)
+    assert all(isinstance(o, Completion) for o in outcomes), outcomes
+    return outcomes  # type: ignore[return-value]
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+
+async def test_engine_identity_and_health(engine: TorchEngine) -> None:
+    assert engine.model_name == "m"
+    assert engine.model_version == "v"
+    assert engine.is_healthy
+    assert engine.device in ("cpu", "cuda")
+
+
+async def test_greedy_answer_knows_the_capital_of_france(engine: TorchEngine) -> None:
+    req = request(engine, FRANCE, max_new_tokens=24)
+    completion = await run_one(engine, req)
+    assert "Paris" in completion.text
+    assert completion.prompt_tokens == len(req.prompt_ids)
+    # A short answer ends on the end-of-turn token before the budget runs out.
+    assert completion.finish_reason == "stop"
+    assert 0 < completion.completion_tokens < 24
+    assert "<|im_end|>" not in completion.text
+
+
+async def test_raw_prompt_is_continued_verbatim(engine: TorchEngine) -> None:
+    req = request(engine, "The capital of France is", raw=True, max_new_tokens=6)
+    completion = await run_one(engine, req)
+    assert "Paris" in completion.text
+    assert completion.prompt_tokens == len(req.prompt_ids)
+    assert completion.prompt_tokens < 10  # no chat template around it
+    assert completion.completion_tokens <= 6
+
+
+# -- prompts ---------------------------------------------------------------------------------
+
+
+async def test_encode_prompt_applies_the_chat_template(engine: TorchEngine) -> None:
+    raw = engine.encode_prompt("Hello there", system=None, raw=True)
+    chat = engine.encode_prompt("Hello there", system=None, raw=False)
+    assert raw and chat
+    assert chat != raw
+    assert len(chat) > len(raw)
+    # The user text is inside the template, tokenized the same way.
+    assert any(chat[i : i + len(raw)] == raw for i in range(len(chat) - len(raw) + 1))
+    tok = engine._tokenizer
+    text = tok.decode(chat)
+    assert "<|im_start|>user" in text
+    assert text.rstrip().endswith("<|im_start|>assistant")  # the generation prompt
+
+
+async def test_system_message_goes_into_the_template(engine: TorchEngine) -> None:
+    plain = engine.encode_prompt("Hello", system=None, raw=False)
+    with_system = engine.encode_prompt("Hello", system="You are a pirate.", raw=False)
+    assert with_system != plain
+    assert "You are a pirate." in engine._tokenizer.decode(with_system)
+    # raw ignores the template, so the system message has nowhere to go
+    assert engine.encode_prompt("Hello", system="You are a pirate.", raw=True) == (
+        engine.encode_prompt("Hello", system=None, raw=True)
+    )
+
+
+async def test_not_started_engine_refuses(model_dir: Path) -> None:
+    cold = TorchEngine(model_dir, model_name="m", model_version="v")
+    try:
+        with pytest.raises(EngineError):
+            cold.encode_prompt("hi", system=None, raw=False)
+        with pytest.raises(EngineError):
+            await cold.generate([GenerationRequest("r", "hi", prompt_ids=[1, 2])])
+    finally:
+        await cold.stop()
+
+
+# -- batching --------------------------------------------------------------------------------
+
+
+async def test_batched_greedy_equals_single_requests(engine: TorchEngine) -> None:
+    reqs = [request(engine, p, rid=f"r{i}", max_new_tokens=16) for i, p in enumerate(PROMPTS)]
+    lengths = {len(r.prompt_ids) for r in reqs}
+    assert len(lengths) == 3  # the batch really is ragged
+    singles = [await run_one(engine, r) for r in reqs]
+    batched = await run_batch(engine, reqs)
+    assert [c.text for c in batched] == [c.text for c in singles]
+    assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in singles]
+    assert [c.prompt_tokens for c in batched] == [len(r.prompt_ids) for r in reqs]
+    assert all(c.text.strip() for c in batched)
+
+
+async def test_max_new_tokens_is_respected_per_request(engine: TorchEngine) -> None:
+    prompt = "Count from 1 to 50, separated by commas."
+    reqs = [
+        request(engine, prompt, rid="three", max_new_tokens=3),
+        request(engine, prompt, rid="twelve", max_new_tokens=12),
+    ]
+    three, twelve = await run_batch(engine, reqs)
+    assert three.completion_tokens == 3 and three.finish_reason == "length"
+    assert twelve.completion_tokens == 12 and twelve.finish_reason == "length"
+    # Same prompt, greedy: the shorter output is the start of the longer one.
+    assert twelve.text.startswith(three.text)
+    assert len(twelve.text) > len(three.text)
+
+
+async def test_stop_string_cuts_the_text(engine: TorchEngine) -> None:
+    free = await run_one(engine, request(engine, FRANCE, max_new_tokens=24))
+    assert "Paris" in free.text
+    stopped = await run_one(engine, request(engine, FRANCE, max_new_tokens=24, stop=("Paris",)))
+    assert "Paris" not in stopped.text
+    assert stopped.finish_reason == "stop"
+    assert free.text.startswith(stopped.text)
+    assert stopped.text == free.text[: free.text.index("Paris")]
+    assert stopped.completion_tokens <= free.completion_tokens
+
+
+async def test_stop_string_never_seen_changes_nothing(engine: TorchEngine) -> None:
+    free = await run_one(engine, request(engine, FRANCE, max_new_tokens=24))
+    other = await run_one(engine, request(engine, FRANCE, max_new_tokens=24, stop=("zzqx",)))
+    assert other == free
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+
+async def test_same_seed_same_text_different_seeds_differ(engine: TorchEngine) -> None:
+    def sampled(seed: int, rid: str = "s") -> GenerationRequest:
+        return request(engine, STORY, rid=rid, max_new_tokens=12, temperature=0.9, seed=seed)
+
+    first = await run_one(engine, sampled(1))
+    again = await run_one(engine, sampled(1))
+    assert first.text == again.text
+    others = await run_batch(engine, [sampled(s, rid=f"s{s}") for s in (2, 3, 4)])
+    texts = {first.text, *(c.text for c in others)}
+    assert len(texts) >= 2  # four seeds at temperature 0.9 do not all agree
+
+
+async def test_greedy_and_sampled_requests_share_a_batch(engine: TorchEngine) -> None:
+    greedy_req = request(engine, STORY, rid="greedy", max_new_tokens=12)
+    sampled_req = request(
+        engine, STORY, rid="sampled", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7
+    )
+    greedy_alone = await run_one(engine, greedy_req)
+    sampled_alone = await run_one(engine, sampled_req)
+    greedy, sampled = await run_batch(engine, [greedy_req, sampled_req])
+    # Each row kept its own settings: greedy stayed greedy, the sampled row used its seed.
+    assert greedy.text == greedy_alone.text
+    assert sampled.text == sampled_alone.text
+    assert sampled.text != greedy.text
+
+
+async def test_sampling_is_reproducible_whatever_the_batch_mates(engine: TorchEngine) -> None:
+    """A row's seed drives only that row: batch-mates do not consume its random numbers."""
+    seeded = request(engine, STORY, rid="seeded", max_new_tokens=10, temperature=0.9, seed=11)
+    mate = request(engine, STORY, rid="mate", max_new_tokens=10, temperature=1.2, seed=99)
+    alone = await run_one(engine, seeded)
+    first, _ = await run_batch(engine, [seeded, mate])
+    _, second = await run_batch(engine, [mate, seeded])
+    assert first.text == alone.text
+    assert second.text == alone.text
