@@ -38,28 +38,34 @@ Metric and gate
     refuses such a folder unless forced. :func:`gate` raises :class:`GateRefused` with the
     numbers, for callers that want an exception.
 
-LoRA or full fine-tune: LoRA (the default), measured on this 2-core CPU machine
-    SmolLM2-135M-Instruct, float32, 40 synthetic rows (30 train / 10 held out), prompts of
-    about 50 tokens with the default system message, batch 8, 3 epochs = 12 optimizer steps,
-    ``torch.set_num_threads(2)``; each figure is a separate fresh process, peak RSS from
-    ``getrusage`` (includes ~1.0 GB for Python + torch + the loaded model):
+LoRA or full fine-tune: LoRA (the default), measured for SmolLM2-135M on 2 CPU cores
+    Setup: float32, 40 rows of "What is a plus b?" -> "Answer: <sum>. Computed by Sluice."
+    (30 train / 10 held out, ~50 tokens each with the default system message), batch 8,
+    3 epochs = 12 optimizer steps, ``torch.set_num_threads(2)``, one fresh process per run,
+    peak RSS from ``getrusage`` (about 1 GB of it is Python + torch + transformers + the
+    model before any training).
 
-    ============  ==========  ===========  ===========  ==============  ==================
-    method        lr          train time   total time   peak RSS        held-out NLL
-    ============  ==========  ===========  ===========  ==============  ==================
-    LoRA r=8      1e-3        7.6 s        15.5 s       1.70 GB         1.96 -> 0.17
-    full          5e-5        13.6 s       22.9 s       3.23 GB         1.96 -> 0.11
-    ============  ==========  ===========  ===========  ==============  ==================
+    ===========  ======  ==================  ==================  =========================
+    method       lr      train / total s     train / total s     peak RSS    held-out NLL
+                         (2 pinned Xeon      (this dev box,      (dev box)   (nats/token,
+                         cores, quiet)       shared, load 4-13)              base -> new)
+    ===========  ======  ==================  ==================  =========================
+    LoRA r=8     1e-3    19.6 / 35.7         27.7 / 51.4         2.94 GB     4.256 -> 0.136
+    full         5e-5    29.9 / 48.8         247 / 290           4.13 GB     4.256 -> 0.088
+    ===========  ======  ==================  ==================  =========================
 
-    (total = load + base eval + train + merge + new eval + save.) Full fine-tuning is
-    about 1.8x slower per step here and needs about 1.5 GB more memory (gradients and two
-    AdamW moments for all 135M parameters, 16 bytes each), and it writes a model whose every
-    weight moved. LoRA (rank 8 on every attention and MLP projection, 4.9M trainable
-    parameters, 3.5%) reaches nearly the same held-out NLL on these data, touches only
-    what the adapter spans, and its cost grows far more slowly with model size, which
-    matters when the same code runs a larger model. After training the adapter is merged
-    into the base weights (``merge_and_unload``) so the saved folder is a plain model.
-    ``method="full"`` remains available for comparison.
+    (The quiet timings ran the same code pinned to two cores with ``taskset`` on another
+    machine, on a randomly initialised model of the same architecture, which costs the same
+    compute; this box was shared with other test runs and its times are noisy upper bounds.)
+    Full fine-tuning needs about 1.2 GB more memory (a gradient and two AdamW moments for
+    each of the 135M parameters) and about 1.5x the compute per step (weight gradients
+    everywhere), and every weight of the served model moves. LoRA (rank 8, alpha
+    16, on every attention and MLP projection: 2.44M trainable parameters, 1.8%) reaches a
+    comparable held-out NLL on these data, and its optimizer memory stays small as models
+    grow. After training the adapter is merged into the base weights (``merge_and_unload``),
+    so the saved folder is a plain model with no peft dependency at serving time.
+    ``method="full"`` remains available. To save compute the output head (49k vocabulary)
+    runs only on positions that predict a target token.
 
 Determinism
     ``torch.manual_seed(seed)`` before adapter initialisation and a seeded generator for
@@ -76,7 +82,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import resource
 import shutil
 import sys
@@ -546,6 +551,10 @@ def retrain(
     1e-3 for LoRA and 5e-5 for a full fine-tune; ``lora_alpha`` defaults to ``2 * lora_rank``.
     ``progress(message, loss)`` is called after every optimizer step with
     ``message == f"step {step}/{total}"`` and the mean training loss of that step.
+    ``threads`` calls ``torch.set_num_threads`` (process-wide) before training.
+    Raises :class:`RetrainDataError` for a missing/unreadable file or fewer than 2 usable
+    rows, :class:`RetrainError` for bad settings or an existing ``out_dir``; a model that
+    fails the gate is *returned* with ``passed=False`` (see :func:`gate`).
     """
     started = time.monotonic()
     examples, base_model, out_dir = Path(examples), Path(base_model), Path(out_dir)
@@ -580,7 +589,6 @@ def retrain(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    random.seed(seed)
 
     data_sha = _file_sha256(examples)
     base_version = model_version(base_model)
@@ -804,11 +812,16 @@ peak RSS of the process: {report.peak_rss_mb:.0f} MB
 
 
 def new_version_name(base_version: str, data_sha256: str, settings: dict[str, Any]) -> str:
-    """``<base-version>-ft-<10 hex>``: a digest of the data and every training setting."""
+    """``<base-version>-ft-<10 hex>``: a digest of the data and the training settings.
+
+    The thread count and the gate threshold are left out: they do not change the weights,
+    and the same data and settings name the same version on any machine.
+    """
+    hashed = {k: v for k, v in settings.items() if k not in ("threads", "min_improvement")}
     digest = hashlib.sha256()
     digest.update(base_version.encode())
     digest.update(data_sha256.encode())
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(hashed, sort_keys=True, default=str).encode())
     return f"{base_version}-ft-{digest.hexdigest()[:10]}"
 
 

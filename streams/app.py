@@ -133,8 +133,7 @@ def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipel
         f"{settings.app_id}-feedback-join",
         default=None,
         partitions=settings.partitions,  # co-partitioned with the three topics
-        key_type=str,
-        value_type=dict,  # JSON on the changelog
+        # no key/value types: plain JSON on the changelog (str keys, dict values)
     )
 
     def on_outcome(outcome: str) -> None:

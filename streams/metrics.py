@@ -73,6 +73,17 @@ class WorkerMetrics:
             buckets=(-1, 0, 1),
             registry=registry,
         )
+        self.results_by_version_total = Counter(
+            "sluice_results_by_version_total",
+            "Results published, by model version and status.",
+            ["version", "status"],
+            registry=registry,
+        )
+        self.canary_percent = Gauge(
+            "sluice_canary_percent",
+            "Share of requests routed to the candidate version.",
+            registry=registry,
+        )
         self.feedback_total = Counter(
             "sluice_feedback_total",
             "Feedback events by outcome (joined, early, dlq:<reason>).",

@@ -252,9 +252,14 @@ class IntakePipeline:
     async def apply_control(self, command: dict[str, Any]) -> None:
         """Apply one rollout command (see :mod:`streams.rollout`); never raises."""
         try:
-            await self.router.apply(command)
+            state = await self.router.apply(command)
         except Exception:
             logger.exception("control command %s failed; rollout unchanged", command)
+            return
+        self.metrics.canary_percent.set(state.canary_percent if state.candidate else 0)
+        self.metrics.model_info.clear()  # retired versions stop showing as served
+        for route in self.router.routes():
+            self._mark_serving(route.engine)
 
     def _on_outcome(self, context: _Context, future: asyncio.Future) -> None:
         if future.cancelled():
@@ -312,6 +317,9 @@ class IntakePipeline:
     def _record_metrics(self, record: dict[str, Any], outcome: BatchOutcome | None) -> None:
         m = self.metrics
         m.requests_total.labels(model=record["model"], status=record["status"]).inc()
+        m.results_by_version_total.labels(
+            version=record["model_version"], status=record["status"]
+        ).inc()
         timings = record["timings"]
         m.observe_stage("total", timings["total_ms"] / 1000.0)
         if outcome is not None and not outcome.expired:

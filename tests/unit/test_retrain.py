@@ -214,6 +214,8 @@ def test_version_name_hashes_data_and_settings() -> None:
     assert new_version_name("base-v1", "ab" * 32, dict(settings)) == a
     assert new_version_name("base-v1", "ab" * 32, {**settings, "seed": 1}) != a
     assert new_version_name("base-v1", "cd" * 32, settings) != a
+    assert new_version_name("base-v1", "ab" * 32, {**settings, "threads": 16}) == a
+    assert new_version_name("base-v1", "ab" * 32, {**settings, "min_improvement": 1.0}) == a
 
 
 def test_default_learning_rates() -> None:
