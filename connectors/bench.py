@@ -703,12 +703,12 @@ async def _quantize_phase(
     finally:
         await engine.stop()
     fp32, int8 = runs["none"], runs["int8"]
-    agreement = compare_outputs(
-        [s.text for s in sorted(fp32.samples, key=lambda s: s.index)],
-        [s.text for s in sorted(int8.samples, key=lambda s: s.index)],
-        tokenize,
-    )
+    agreement = compare_outputs(_texts(fp32.samples), _texts(int8.samples), tokenize)
     return {
+        "outputs": {
+            "fp32": _texts(fp32.samples),
+            "int8": _texts(int8.samples),
+        },
         "fp32": fp32.summary,
         "int8": int8.summary,
         "speedup_requests": ratio(int8.summary["requests_per_s"], fp32.summary["requests_per_s"]),
@@ -718,6 +718,11 @@ async def _quantize_phase(
         "agreement": agreement,
         "extra_run": other,
     }
+
+
+def _texts(samples: Sequence[Sample]) -> list[str]:
+    """Outputs in prompt order."""
+    return [s.text for s in sorted(samples, key=lambda s: s.index)]
 
 
 def _quiet_model_loading() -> None:
@@ -1230,6 +1235,8 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
                 sweep = direct["sweep"]
                 if "quantize" in direct:
                     report["quantize"] = direct["quantize"]
+                    for name, texts in direct["quantize"].pop("outputs", {}).items():
+                        report.setdefault("outputs", {})[f"direct-{name}"] = texts
             if "pipeline" in modes or "ceiling" in modes:
                 broker.open(progress)
                 env["kafka_version"] = broker.kafka_version
@@ -1249,12 +1256,13 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
                 report["modes"]["ceiling"] = ceiling
     finally:
         broker.close()
+    outputs = report.setdefault("outputs", {})
+    outputs["prompts"] = prompts
+    for name in ("direct", "pipeline"):
+        if name in samples:
+            outputs[name] = _texts(samples[name])
     if "direct" in samples and "pipeline" in samples:
-        agreement = compare_outputs(
-            [s.text for s in sorted(samples["direct"], key=lambda s: s.index)],
-            [s.text for s in sorted(samples["pipeline"], key=lambda s: s.index)],
-            str.split,
-        )
+        agreement = compare_outputs(outputs["direct"], outputs["pipeline"], str.split)
         report["modes"]["pipeline"]["agreement_with_direct_words"] = agreement
     report["targets"] = targets(report["modes"])
     if hasattr(os, "getloadavg"):

@@ -6,6 +6,7 @@ writes its JSON without plots.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,19 @@ def plot_latency_cdf(
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     try:
         lows, highs = [], []
+        styles = itertools.cycle(["-", "--", ":", "-."])  # overlapping series stay visible
         for label, values in series.items():
             ordered = sorted(v for v in values if v is not None)
             if not ordered:
                 continue
             n = len(ordered)
-            ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=f"{label} ({n})")
+            ax.step(
+                ordered,
+                [(i + 1) / n for i in range(n)],
+                next(styles),
+                where="post",
+                label=f"{label} ({n})",
+            )
             lows.append(ordered[0])
             highs.append(ordered[-1])
         positive = [v for v in lows if v > 0]

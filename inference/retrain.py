@@ -549,8 +549,10 @@ def retrain(
     ``MODEL_CARD.md``, ``retrain.json``); it is written atomically (staged next to it, then
     renamed) and is refused if it exists unless ``overwrite``. ``learning_rate`` defaults to
     1e-3 for LoRA and 5e-5 for a full fine-tune; ``lora_alpha`` defaults to ``2 * lora_rank``.
-    ``progress(message, loss)`` is called after every optimizer step with
-    ``message == f"step {step}/{total}"`` and the mean training loss of that step.
+    ``progress(message, fraction)`` is called after every optimizer step with
+    ``message == f"step {step}/{total} loss {loss:.4f}"`` (the mean training loss of that
+    step) and ``fraction == step / total`` (for a progress bar; the losses are also in
+    ``RetrainReport.losses``).
     ``threads`` calls ``torch.set_num_threads`` (process-wide) before training.
     Raises :class:`RetrainDataError` for a missing/unreadable file or fewer than 2 usable
     rows, :class:`RetrainError` for bad settings or an existing ``out_dir``; a model that
@@ -670,7 +672,7 @@ def retrain(
             value = float(loss.detach())
             losses.append(round(value, 6))
             if progress is not None:
-                progress(f"step {step}/{total_steps}", value)
+                progress(f"step {step}/{total_steps} loss {value:.4f}", step / total_steps)
     train_seconds = time.monotonic() - train_started
     del optimizer
 

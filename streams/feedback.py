@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter, deque
+import heapq
+from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,7 @@ class FeedbackJoiner:
         self.wait_ms = wait_ms
         self.max_correction_chars = max_correction_chars
         self._on_outcome = on_outcome or (lambda _outcome: None)
-        self._due: dict[int, deque[tuple[int, str]]] = {}
+        self._due: dict[int, list[tuple[int, str]]] = {}  # a heap per partition
         self._clock: dict[int, int] = {}
         self.counts: Counter[str] = Counter()
 
@@ -135,7 +136,7 @@ class FeedbackJoiner:
         queue = self._due.get(partition)
         out: list[Emit] = []
         while queue and now is not None and queue[0][0] <= now:
-            _, rid = queue.popleft()
+            _, rid = heapq.heappop(queue)
             out.extend(self._expire(partition, rid, now))
         return out
 
@@ -195,7 +196,7 @@ class FeedbackJoiner:
         return out
 
     def _schedule(self, partition: int, due: int, rid: str) -> None:
-        self._due.setdefault(partition, deque()).append((due, rid))
+        heapq.heappush(self._due.setdefault(partition, []), (due, rid))
 
     def _validate(self, record: Mapping[str, Any]) -> tuple[str, str] | None:
         if not (record.get("request_id") or "").strip():

@@ -139,3 +139,13 @@ def test_partitions_have_their_own_clocks(joiner: FeedbackJoiner) -> None:
     joiner.on_feedback(0, 1_000, feedback("p0"))
     joiner.on_request(1, 10 * WAIT, request("p1"))  # partition 1's clock moves
     assert joiner.sweep(0) == [] and joiner.sweep(1) == []
+
+
+def test_a_short_wait_is_not_stuck_behind_a_long_window(joiner: FeedbackJoiner) -> None:
+    # The request schedules a check a window away; the parked feedback one wait away.
+    # The earlier deadline must fire first even though it was scheduled later.
+    joiner.on_request(0, 1_000, request("known"))
+    joiner.on_feedback(0, 2_000, feedback("ghost"))
+    joiner.on_request(0, 2_000 + WAIT + 1, request("tick"))
+    [emit] = joiner.sweep(0)
+    assert emit.record["reason_code"] == "unknown_request"

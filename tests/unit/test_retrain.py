@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -273,7 +274,7 @@ def trained(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type:
         data,
         model_dir,
         work / "model",
-        progress=lambda message, loss: calls.append((message, loss)),
+        progress=lambda message, fraction: calls.append((message, fraction)),
     )
     print(
         f"\nretrain: {report.duration_seconds:.1f} s total, {report.train_seconds:.1f} s "
@@ -296,9 +297,11 @@ def test_retrain_improves_heldout_nll_and_passes_the_gate(trained) -> None:  # t
     assert report.heldout.new_perplexity < report.heldout.base_perplexity
     gate(report)  # does not raise
     # progress once per optimizer step, with the step loss
-    assert len(calls) == report.steps == 12
-    assert calls[0][0] == "step 1/12" and calls[-1][0] == "step 12/12"
-    assert calls[-1][1] < calls[0][1]
+    assert len(calls) == report.steps == 12 == len(report.losses)
+    assert re.fullmatch(r"step 1/12 loss \d+\.\d{4}", calls[0][0])
+    assert calls[-1][0].startswith("step 12/12 loss ")
+    assert [c[1] for c in calls] == pytest.approx([i / 12 for i in range(1, 13)])
+    assert report.losses[-1] < report.losses[0]
     assert 0 < report.trainable_parameters < report.total_parameters / 10
 
 
