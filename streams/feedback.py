@@ -21,8 +21,8 @@ Timing rules, all on event time (record timestamps), so replays behave like live
 from __future__ import annotations
 
 import hashlib
-import logging
 import heapq
+import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
