@@ -445,6 +445,52 @@ def model_rollback() -> None:
     _send_control("ROLLBACK")
 
 
+# -- bench --------------------------------------------------------------------------------
+@app.command()
+def bench(
+    modes: str = typer.Option(
+        "direct,pipeline,ceiling",
+        "--modes",
+        help="Any of direct, pipeline, ceiling (comma-separated).",
+    ),
+    requests: int = typer.Option(64, "--requests", "-n", help="Requests for the model modes."),
+    pipeline_requests: int = typer.Option(
+        20_000, "--pipeline-requests", help="Requests for the benchmark-engine ceiling."
+    ),
+    concurrency: int | None = typer.Option(None, "--concurrency"),
+    rate: float | None = typer.Option(None, "--rate", help="Open-loop requests/s."),
+    prompt_words: str = typer.Option("8,32,128", "--prompt-words"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    partitions: int = typer.Option(4, "--partitions"),
+    workers: int = typer.Option(1, "--workers"),
+    batch_sizes: str = typer.Option("1,4,8,16", "--batch-sizes"),
+    quantize_compare: bool = typer.Option(
+        True, "--int8/--no-int8", help="Also compare int8 dynamic quantization."
+    ),
+    out_dir: Path = typer.Option(Path("bench-results"), "--out-dir"),
+) -> None:
+    """Measure the engine alone, the whole pipeline, and the pipeline's own ceiling."""
+    from connectors.bench import BenchOptions, run_bench
+
+    settings = _settings()
+    _configure_logging("WARNING")
+    options = BenchOptions(
+        requests=requests,
+        pipeline_requests=pipeline_requests,
+        concurrency=concurrency,
+        rate=rate,
+        prompt_words=prompt_words,
+        max_new_tokens=max_new_tokens,
+        partitions=partitions,
+        workers=workers,
+        batch_sizes=batch_sizes,
+        modes=modes,
+        quantize_compare=quantize_compare,
+        out_dir=out_dir,
+    )
+    run_bench(settings, options, console)
+
+
 # -- demo ---------------------------------------------------------------------------------
 @app.command()
 def demo(

@@ -91,9 +91,9 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert 0.0 <= quantize["agreement"]["token_overlap"] <= 1.0
 
     outputs = saved["outputs"]
-    for name in ("prompts", "direct", "pipeline", "direct-none", "direct-int8"):
+    for name in ("prompts", "direct", "pipeline", "direct-fp32", "direct-int8"):
         assert len(outputs[name]) == 4, name
-    assert outputs["direct"] == outputs["direct-none"]
+    assert outputs["direct"] == outputs["direct-fp32"]
 
     targets = saved["targets"]
     assert targets["pipeline_vs_direct"]["requests_ratio"] > 0
