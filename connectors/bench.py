@@ -286,11 +286,20 @@ def summarize(
         "output_tokens_per_s": out_tokens / wall_s if wall_s > 0 else 0.0,
         "prompt_tokens": sum(s.prompt_tokens for s in ok),
         "mean_batch_size": statistics.fmean(s.batch_size for s in ok) if ok else 0.0,
+        "batch_size_histogram": batch_histogram(ok),
         "latency_ms": {
             name: latency_summary([s.stages[name] for s in ok if name in s.stages])
             for name in stages
         },
     }
+
+
+def batch_histogram(samples: Sequence[Sample]) -> dict[str, int]:
+    """Requests per batch size ("16": 32 means 32 requests ran in batches of 16)."""
+    counts: dict[int, int] = {}
+    for s in samples:
+        counts[s.batch_size] = counts.get(s.batch_size, 0) + 1
+    return {str(size): counts[size] for size in sorted(counts)}
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -344,16 +353,10 @@ def sweep_plan(sizes: Sequence[int], requests: int | None) -> list[tuple[int, in
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a worker process exactly these settings (as
-    ``tests.conftest.settings_env``; secrets passed as their value)."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None or name == "worker_id":
-            continue
-        if isinstance(value, SecretStr):
-            value = value.get_secret_value()
-        env[f"SLUICE_{name.upper()}"] = str(value)
-    return env
+    """The environment that gives a worker process exactly these settings."""
+    from connectors.processes import settings_env
+
+    return settings_env(settings)
 
 
 def process_cpu_s(pid: int) -> float | None:

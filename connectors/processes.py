@@ -11,6 +11,24 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from pydantic import SecretStr
+
+from streams.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ``SLUICE_*`` environment that gives a worker process exactly these settings
+    (secrets passed as their value; ``worker_id`` left for each process to derive)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None or name == "worker_id":
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"SLUICE_{name.upper()}"] = str(value)
+    return env
+
+
 #: What a Faust worker logs once it has joined the group and got its partitions.
 WORKER_READY = "[^Worker]: Ready"
 

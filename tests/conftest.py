@@ -74,13 +74,3 @@ def settings_factory(kafka_bootstrap: str):  # type: ignore[no-untyped-def]
         return Settings(**fields)  # type: ignore[arg-type]
 
     return make
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a worker process exactly these settings."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump().items():
-        if value is None or name == "worker_id":
-            continue
-        env[f"SLUICE_{name.upper()}"] = str(value)
-    return env

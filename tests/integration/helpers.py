@@ -9,11 +9,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from connectors.processes import WORKER_READY, WorkerProcess
+from connectors.processes import WORKER_READY, WorkerProcess, settings_env
 from schemas.codec import AvroCodec
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.settings import Settings
-from tests.conftest import settings_env
 
 
 def start_worker(settings: Settings, log_dir: Path, name: str = "worker") -> WorkerProcess:

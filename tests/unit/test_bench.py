@@ -154,9 +154,17 @@ def test_summarize_counts_only_ok_requests() -> None:
     assert s["output_tokens_per_s"] == pytest.approx(4.0)
     assert s["prompt_tokens"] == 20
     assert s["mean_batch_size"] == 2.0
+    assert s["batch_size_histogram"] == {"2": 2}
     assert list(s["latency_ms"]) == ["inference", "added", "total"]  # STAGES order
     assert s["latency_ms"]["added"]["max"] == 50.0
     assert s["latency_ms"]["total"]["count"] == 2
+
+
+def test_batch_histogram() -> None:
+    samples = [_sample(i, 1.0, 1.0) for i in range(3)]
+    samples[0].batch_size = 16
+    assert bench.batch_histogram(samples) == {"2": 2, "16": 1}
+    assert bench.batch_histogram([]) == {}
 
 
 def test_summarize_empty_and_zero_wall() -> None:
