@@ -19,6 +19,7 @@ from typing import Any
 
 from inference.backends.base import Engine
 from inference.errors import EngineError
+from inference.prompts import encode_prompt
 from inference.types import Completion, GenerationRequest, Sampling
 
 logger = logging.getLogger(__name__)
@@ -139,17 +140,7 @@ class TorchEngine(Engine):
 
     # -- prompts -----------------------------------------------------------------------
     def encode_prompt(self, prompt: str, *, system: str | None, raw: bool) -> list[int]:
-        tok = self._tokenizer
-        if tok is None:
-            raise EngineError("engine not started")
-        if raw or not getattr(tok, "chat_template", None):
-            return list(tok(prompt, add_special_tokens=True)["input_ids"])
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        encoded = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(encoded, dict) or hasattr(encoded, "keys"):
-            encoded = encoded["input_ids"]
-        return list(encoded)
+        return encode_prompt(self._tokenizer, prompt, system=system, raw=raw)
 
     # -- generation --------------------------------------------------------------------
     async def generate(
