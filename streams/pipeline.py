@@ -316,17 +316,15 @@ class IntakePipeline:
 
     def _record_metrics(self, record: dict[str, Any], outcome: BatchOutcome | None) -> None:
         m = self.metrics
-        m.requests_total.labels(model=record["model"], status=record["status"]).inc()
-        m.results_by_version_total.labels(
-            version=record["model_version"], status=record["status"]
-        ).inc()
+        m.child(m.requests_total, record["model"], record["status"]).inc()
+        m.child(m.results_by_version_total, record["model_version"], record["status"]).inc()
         timings = record["timings"]
         m.observe_stage("total", timings["total_ms"] / 1000.0)
         if outcome is not None and not outcome.expired:
             m.observe_stage("batch_wait", outcome.batch_wait_s)
             m.observe_stage("inference", outcome.inference_s)
-        m.tokens_total.labels(direction="prompt").inc(record["prompt_tokens"])
-        m.tokens_total.labels(direction="completion").inc(record["completion_tokens"])
+        m.child(m.tokens_total, "prompt").inc(record["prompt_tokens"])
+        m.child(m.tokens_total, "completion").inc(record["completion_tokens"])
 
     async def _publish_loop(self) -> None:
         assert self._producer is not None
