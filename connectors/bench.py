@@ -1042,6 +1042,18 @@ async def _with_client(settings: Settings, body: Callable[[Any], Awaitable[Any]]
         return await body(client)
 
 
+def _tear_down(
+    progress: Progress, label: str, workers: Workers, settings: Settings, options: BenchOptions
+) -> None:
+    """Stop a phase's workers (shown as a progress step) and delete its topics."""
+    stopping = progress.add_task(label, total=None)
+    workers.stop()
+    progress.update(stopping, total=1, completed=1)
+    if not options.keep_topics:
+        with contextlib.suppress(Exception):
+            asyncio.run(_delete_topics(settings))
+
+
 def _pipeline_phase(
     base: Settings,
     options: BenchOptions,
@@ -1082,12 +1094,7 @@ def _pipeline_phase(
             )
         )
     finally:
-        stopping = progress.add_task("pipeline: stopping the worker(s)", total=None)
-        workers.stop()
-        progress.update(stopping, total=1, completed=1)
-        if not options.keep_topics:
-            with contextlib.suppress(Exception):
-                asyncio.run(_delete_topics(settings))
+        _tear_down(progress, "pipeline: stopping the worker(s)", workers, settings, options)
     run.summary.update(
         workers=options.workers,
         worker_ready_s=ready_s,
@@ -1164,12 +1171,7 @@ def _ceiling_phase(
 
         asyncio.run(_with_client(settings, passes))
     finally:
-        stopping = progress.add_task("ceiling: stopping the worker", total=None)
-        workers.stop()
-        progress.update(stopping, total=1, completed=1)
-        if not options.keep_topics:
-            with contextlib.suppress(Exception):
-                asyncio.run(_delete_topics(settings))
+        _tear_down(progress, "ceiling: stopping the worker", workers, settings, options)
     for name, run in runs.items():
         out[name] = run.summary
     out["_samples"] = {name: run.samples for name, run in runs.items()}
