@@ -89,11 +89,13 @@ class LocalKafka:
         port: int | None = None,
         heap: str = "512m",
         cache_dir: Path | None = None,
+        port_wait: float = 15.0,
     ) -> None:
         self.home = Path(home).expanduser().resolve()
         self.kafka_version = kafka_version
         self.port = port
         self.heap = heap
+        self.port_wait = port_wait
         base = self.home / "kafka"
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else base
         self.state_dir = base / "broker"
@@ -447,12 +449,16 @@ class LocalKafka:
                     "another port"
                 )
             port = self.port
-        elif saved_port is not None and _port_free(saved_port):
+        elif saved_port is not None and self._await_port(saved_port, progress):
             port = saved_port
         else:
             port = _free_port()
             if saved_port is not None:
-                _emit(progress, f"port {saved_port} is busy now; the broker moves to {port}")
+                _emit(
+                    progress,
+                    f"port {saved_port} stayed busy for {self.port_wait:.0f} s; "
+                    f"the broker moves to {port}",
+                )
         if (
             saved_controller is not None
             and saved_controller != port
@@ -462,6 +468,23 @@ class LocalKafka:
         else:
             controller_port = _free_port(avoid={port})
         return port, controller_port
+
+    def _await_port(self, port: int, progress: Progress | None) -> bool:
+        """Whether the remembered ``port`` is free, waiting up to ``port_wait`` seconds for it.
+
+        After a crash the port can stay taken for a moment (a dying JVM, or another process's
+        outgoing connection that drew it as its ephemeral port). Keeping the port matters more
+        than a few seconds: clients remember the bootstrap.
+        """
+        if _port_free(port):
+            return True
+        _emit(progress, f"port {port} is busy; waiting up to {self.port_wait:.0f} s for it")
+        deadline = time.monotonic() + self.port_wait
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if _port_free(port):
+                return True
+        return False
 
     def _write_properties(self, port: int, controller_port: int) -> None:
         template = Template(SERVER_PROPERTIES_TEMPLATE.read_text())
