@@ -34,6 +34,7 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             model_name=settings.model_name,
             completion_tokens=settings.benchmark_completion_tokens,
             max_batch_size=settings.batch_max_size,
+            delay_s=settings.benchmark_delay_ms / 1000.0,
         )
     if settings.backend == "tensorrt_llm":
         from inference.backends.tensorrt_llm import TensorRTLLMEngine

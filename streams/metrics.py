@@ -69,6 +69,11 @@ class WorkerMetrics:
             "Requests skipped because already answered.",
             registry=registry,
         )
+        self.redeliveries_total = Counter(
+            "sluice_redeliveries_total",
+            "Request offsets read again at or below the highest offset read (seek back).",
+            registry=registry,
+        )
         self.feedback_score = Histogram(
             "sluice_feedback_score",
             "Feedback scores received.",

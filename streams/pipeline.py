@@ -171,7 +171,8 @@ class IntakePipeline:
         await self._slots.acquire()
         self._unfinished += 1
         self._idle.clear()
-        self.watermarks.track(source.tp, source.offset)
+        if self.watermarks.track(source.tp, source.offset):
+            self.metrics.redeliveries_total.inc()
         self._positions[source.tp] = source.offset + 1
         self.metrics.inflight_requests.inc()
         read_ms = now_ms()

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     benchmark_completion_tokens: int = Field(
         16, ge=1, description="benchmark backend: tokens in its fixed completion."
     )
+    benchmark_delay_ms: float = Field(
+        0.0, ge=0, description="benchmark backend: simulated latency of every batch."
+    )
 
     # --- admission and batching -----------------------------------------------------------
     max_prompt_chars: int = Field(16_000, ge=1)

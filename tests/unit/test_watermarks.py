@@ -145,7 +145,7 @@ def test_reassigned_partition_starts_fresh() -> None:
     assert marks.committable() == {TP: 1}  # new state: 1 is unfinished
 
 
-def test_redelivery_after_seek_resets_the_partition() -> None:
+def test_redelivery_after_seek_keeps_both_copies_open() -> None:
     marks = OffsetWatermarks()
     for offset in range(10, 15):
         marks.track(TP, offset)
@@ -153,34 +153,49 @@ def test_redelivery_after_seek_resets_the_partition() -> None:
     assert commit(marks) == {TP: 11}
     # A rebalance seeks back to the committed offset and the records come again.
     marks.track(TP, 11)
-    assert marks.in_flight(TP) == 1  # only the re-delivered record is in flight now
+    assert marks.redeliveries == 1
+    assert marks.in_flight(TP) == 5  # 11 twice, 12, 13, 14
     assert marks.committable() == {}  # still 11: nothing new answered
-    marks.track(TP, 12)
+    marks.finish(TP, 11)  # one copy answered: the other is still open
+    assert marks.committable() == {}
     marks.finish(TP, 11)
     assert commit(marks) == {TP: 12}
-    marks.finish(TP, 12)
-    assert commit(marks) == {TP: 13}
+    for offset in (12, 13, 14):
+        marks.finish(TP, offset)
+    assert commit(marks) == {TP: 15}
+    assert marks.in_flight(TP) == 0
 
 
-def test_answers_from_before_a_seek_do_not_count_for_records_not_read_again() -> None:
-    """After a seek back, a late answer for a pre-seek copy leaves the accounting intact."""
+def test_a_redelivered_offset_never_hides_earlier_unfinished_ones() -> None:
+    """The bug this guards against: a re-delivery that 'starts over' forgets 0 and 1,
+    then commits past them although they were never answered (lost after a crash)."""
     marks = OffsetWatermarks()
     for offset in range(5):
         marks.track(TP, offset)
-    marks.track(TP, 2)  # seek back to 2: 2 is read again
-    # The old copies of 3 and 4 get answered late, before 3 and 4 are read again.
-    for offset in (3, 4):
+    marks.track(TP, 2)  # read again, for whatever reason
+    for offset in (2, 3, 4, 2):
         marks.finish(TP, offset)
-    assert marks.in_flight(TP) == 1  # the re-delivered 2
-    marks.finish(TP, 2)
-    assert marks.in_flight(TP) == 0
+    assert marks.committable() == {TP: 0}  # 0 and 1 are still unanswered
+    assert marks.in_flight(TP) == 2
+    marks.finish(TP, 1)
+    assert commit(marks) == {TP: 0}
+    marks.finish(TP, 0)
+    assert commit(marks) == {TP: 5}
+
+
+def test_the_watermark_never_moves_backwards() -> None:
+    marks = OffsetWatermarks()
+    for offset in range(3):
+        marks.track(TP, offset)
+        marks.finish(TP, offset)
     assert commit(marks) == {TP: 3}
-    marks.track(TP, 3)  # re-delivered 3: this copy is not answered yet
-    assert marks.in_flight(TP) == 1
-    assert marks.committable() == {}  # the mark stays at 3 until it finishes
+    marks.track(TP, 1)  # an old offset read again below the committed mark
+    assert marks.committable() == {}  # no commit of 1: everything below 3 was answered
+    marks.finish(TP, 1)
+    assert marks.committable() == {}
+    marks.track(TP, 3)
     marks.finish(TP, 3)
     assert commit(marks) == {TP: 4}
-    assert marks.in_flight(TP) == 0
 
 
 def test_duplicate_and_stale_finishes_never_make_in_flight_negative() -> None:
@@ -244,3 +259,39 @@ def test_watermark_is_never_beyond_an_unfinished_offset(
     last = final.get(TP, last)
     assert last == next_offset
     assert marks.committable() == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n=st.integers(1, 30))
+def test_with_redeliveries_the_mark_never_passes_an_open_delivery(
+    data: st.DataObject, n: int
+) -> None:
+    """Random interleavings of reads (with re-reads of earlier offsets) and answers."""
+    marks = OffsetWatermarks()
+    open_copies: list[int] = []  # one entry per delivery in flight
+    answered: set[int] = set()  # offsets with at least one answered delivery
+    highest = -1
+    last: int | None = None
+    for _ in range(data.draw(st.integers(1, 80))):
+        action = data.draw(st.sampled_from(["read", "reread", "answer", "commit"]))
+        if action == "read" and highest + 1 < n:
+            highest += 1
+            marks.track(TP, highest)
+            open_copies.append(highest)
+        elif action == "reread" and highest >= 0:
+            offset = data.draw(st.integers(0, highest))
+            marks.track(TP, offset)
+            open_copies.append(offset)
+        elif action == "answer" and open_copies:
+            offset = open_copies.pop(data.draw(st.integers(0, len(open_copies) - 1)))
+            marks.finish(TP, offset)
+            answered.add(offset)
+        elif action == "commit":
+            moved = commit(marks).get(TP)
+            if moved is not None:
+                assert last is None or moved > last
+                last = moved
+        assert marks.in_flight(TP) == len(open_copies)
+        if last is not None:
+            # everything below the committed mark was answered: nothing is lost on a crash
+            assert set(range(last)) <= answered
