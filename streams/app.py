@@ -49,12 +49,7 @@ def build_app(
 ) -> faust.App:
     """The worker's app: the intake agent feeding ``pipeline``, plus its lifecycle."""
     app = faust_app(settings, bootstrap, web_port=web_port)
-    requests = app.topic(
-        settings.requests_topic,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.partitions,
-    )
+    requests = requests_channel(app, settings)
 
     @app.agent(requests, name="sluice.intake")
     async def intake(stream: faust.StreamT) -> None:
@@ -111,6 +106,24 @@ def build_app(
     return app
 
 
+def requests_channel(app: faust.App, settings: Settings) -> faust.TopicT:
+    """The requests topic, with Faust's acks off.
+
+    Offsets of the requests topic are committed by the pipeline's watermarks and by nothing
+    else: a topic with acks on is one Faust may commit by itself (from acks, gap filling or
+    on a task error), and a commit past a read-but-unanswered request loses it on a crash.
+    Every channel on this topic must be declared here, since Faust turns acks on for a topic
+    name as soon as any one of its channels has them.
+    """
+    return app.topic(
+        settings.requests_topic,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.partitions,
+        acks=False,
+    )
+
+
 def _credentials(settings: Settings) -> Any:
     if settings.kafka_sasl_mechanism and settings.kafka_sasl_username:
         password = settings.kafka_sasl_password
@@ -147,8 +160,9 @@ def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipel
         max_correction_chars=settings.max_prompt_chars,
         on_outcome=on_outcome,
     )
-    topics = app.topic(
-        settings.requests_topic,
+    # Results and feedback are Faust's to commit (acks); requests are the watermarks' (see
+    # requests_channel), so the join reads them through a second agent.
+    results_and_feedback = app.topic(
         settings.results_topic,
         settings.feedback_topic,
         key_type=bytes,
@@ -192,8 +206,7 @@ def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipel
             None,
         )
 
-    @app.agent(topics, name="sluice.feedback-join")
-    async def feedback_join(stream: faust.StreamT) -> None:
+    async def join(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
             source = SourceRecord(
@@ -209,6 +222,9 @@ def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipel
             emits.extend(joiner.sweep(source.partition))
             for emit in emits:
                 await publish(emit, source)
+
+    app.agent(results_and_feedback, name="sluice.feedback-join")(join)
+    app.agent(requests_channel(app, settings), name="sluice.feedback-join-requests")(join)
 
 
 def _join_one(joiner: Any, codec: Any, settings: Settings, source: SourceRecord) -> list[Any]:

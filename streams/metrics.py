@@ -74,6 +74,11 @@ class WorkerMetrics:
             "Request offsets read again at or below the highest offset read (seek back).",
             registry=registry,
         )
+        self.skipped_records_total = Counter(
+            "sluice_skipped_records_total",
+            "Request records the stream skipped, read from the broker and answered.",
+            registry=registry,
+        )
         self.feedback_score = Histogram(
             "sluice_feedback_score",
             "Feedback scores received.",

@@ -28,6 +28,7 @@ from schemas.errors import SchemaError
 from streams.admission import Admission, AdmissionLimits
 from streams.control import ControlListener
 from streams.dedup import AnsweredIndex
+from streams.holes import HoleReader
 from streams.metrics import WorkerMetrics
 from streams.records import SourceRecord, dead_letter, now_ms, result_record
 from streams.rollout import Dispatcher, ModelRouter, Route
@@ -96,6 +97,9 @@ class IntakePipeline:
         self.watermarks = OffsetWatermarks()
         self._load_version = load_version
         self.control: ControlListener | None = None
+        self.holes: HoleReader | None = None  # None: skipped offsets are not checked
+        self._repairs: set[asyncio.Task[None]] = set()
+        self._generation = 0  # bumped on every revocation: repairs from before are void
         self.admission = Admission(
             AdmissionLimits(
                 settings.max_prompt_chars,
@@ -158,21 +162,32 @@ class IntakePipeline:
             await asyncio.wait_for(self.commit_now(), commit_timeout)
         except Exception as exc:
             logger.warning("final commit failed (%r); those offsets will be re-read", exc)
-        for task in self._tasks:
+        repairs = [*self._repairs, *self._tasks]
+        for task in repairs:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*repairs, return_exceptions=True)
         self._tasks = []
+        if self.holes is not None:
+            try:
+                await self.holes.close()
+            except Exception as exc:
+                logger.warning("closing the hole reader failed: %r", exc)
         if self.control is not None:
             await self.control.stop()
 
     # -- intake ------------------------------------------------------------------------
     async def handle(self, source: SourceRecord) -> None:
         """Take one record. Waits while ``max_inflight`` requests are unanswered."""
+        if self.holes is not None and not self.watermarks.knows(source.tp):
+            await self._start_partition(source.tp)
         await self._slots.acquire()
         self._unfinished += 1
         self._idle.clear()
-        if self.watermarks.track(source.tp, source.offset):
+        tracked = self.watermarks.track(source.tp, source.offset)
+        if tracked.redelivery:
             self.metrics.redeliveries_total.inc()
+        if tracked.hole is not None:
+            self._repair_hole(source.tp, tracked.hole)
         self._positions[source.tp] = source.offset + 1
         self.metrics.inflight_requests.inc()
         read_ms = now_ms()
@@ -213,6 +228,60 @@ class IntakePipeline:
             )
         future = await route.dispatcher.submit(request)
         future.add_done_callback(lambda f: self._on_outcome(context, f))
+
+    # -- records the stream skipped -----------------------------------------------------
+    async def _start_partition(self, tp: Hashable) -> None:
+        """First record of a newly assigned partition: learn where it should start."""
+        assert self.holes is not None
+        try:
+            committed = await asyncio.wait_for(self.holes.committed(tp), 30.0)
+        except Exception as exc:  # no check for this partition's first record, still correct
+            logger.warning("committed offset of %s unknown (%r)", tp, exc)
+            committed = None
+        if not self.watermarks.knows(tp):
+            self.watermarks.start(tp, committed)
+
+    def _repair_hole(self, tp: Hashable, hole: tuple[int, int]) -> None:
+        if self.holes is None:
+            self.watermarks.close_hole(tp, hole)  # not checked: trust the stream
+            return
+        task = asyncio.create_task(self._read_hole(tp, hole, self._generation))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _read_hole(self, tp: Hashable, hole: tuple[int, int], generation: int) -> None:
+        """Read the records the stream skipped and answer them; then release the mark."""
+        assert self.holes is not None
+        start, end = hole
+        delay = 0.5
+        while True:
+            try:
+                records = await self.holes.read(tp, start, end)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the mark stays at the hole: nothing is committed past
+                logger.warning(
+                    "reading skipped offsets %s [%d, %d) failed: %r", tp, start, end, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            if generation != self._generation:
+                return
+        if generation != self._generation:
+            return  # revoked meanwhile: the new owner reads from the committed offset
+        if records:
+            self.metrics.skipped_records_total.inc(len(records))
+            logger.warning(
+                "the stream skipped %d records of %s in [%d, %d); answering them now",
+                len(records),
+                tp,
+                start,
+                end,
+            )
+        for record in records:
+            await self.handle(record)
+        self.watermarks.close_hole(tp, hole)
 
     # -- engines and versions ----------------------------------------------------------
     def _dispatcher_for(self, engine: Engine) -> Dispatcher:
@@ -404,6 +473,7 @@ class IntakePipeline:
 
     async def on_partitions_revoked(self, tps: set[Hashable]) -> None:
         """Before a rebalance takes partitions away: commit what is done, then forget them."""
+        self._generation += 1
         try:
             await self.commit_now()
         finally:

@@ -10,6 +10,12 @@ until both copies are answered. Nothing that was read and not answered is ever d
 the accounting by a later delivery; only :meth:`forget` (the partition was revoked) drops
 it. The watermark never moves backwards. Offsets normally arrive in increasing order per
 partition, which keeps every operation O(log n) at worst.
+
+Offsets that were never delivered are not passed either. When a partition's first record
+comes after the offset committed for it (:meth:`start`), or a record comes after a jump
+past the next offset, the skipped range is a *hole*: the watermark stays at its start until
+:meth:`close_hole` says every record in it was read some other way (the pipeline reads
+holes directly from the broker; a hole can also be only transaction markers).
 """
 
 from __future__ import annotations
@@ -17,16 +23,26 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Hashable, Iterable
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
 
-class _PartitionMarks:
-    __slots__ = ("committed", "heap", "next_offset", "open")
+class Tracked(NamedTuple):
+    """What :meth:`OffsetWatermarks.track` learned from one delivery."""
 
-    def __init__(self) -> None:
+    redelivery: bool  # at or below the highest offset read
+    hole: tuple[int, int] | None  # [start, end) skipped right before this offset
+
+
+class _PartitionMarks:
+    __slots__ = ("committed", "expected", "heap", "holes", "next_offset", "open")
+
+    def __init__(self, expected: int | None = None) -> None:
         self.open: dict[int, int] = {}  # offset -> deliveries not yet finished
         self.heap: list[int] = []  # open offsets (and lazily, some finished ones)
+        self.holes: set[tuple[int, int]] = set()  # [start, end) not delivered, not yet read
+        self.expected = expected  # the first offset to come (the committed one), if known
         self.next_offset: int | None = None  # highest seen + 1
         self.committed: int | None = None  # last watermark handed out by committable()
 
@@ -34,8 +50,11 @@ class _PartitionMarks:
         heap = self.heap
         while heap and heap[0] not in self.open:
             heapq.heappop(heap)
-        if heap:
-            return heap[0]
+        marks = [heap[0]] if heap else []
+        if self.holes:
+            marks.append(min(start for start, _ in self.holes))
+        if marks:
+            return min(marks)
         return self.next_offset
 
 
@@ -46,9 +65,18 @@ class OffsetWatermarks:
         self._parts: dict[Hashable, _PartitionMarks] = {}
         self.redeliveries = 0  # offsets read again at or below the highest one seen
 
-    def track(self, tp: Hashable, offset: int) -> bool:
-        """Record that ``offset`` of ``tp`` was read and is now in flight. Returns whether it
-        is a re-delivery (at or below the highest offset read)."""
+    def knows(self, tp: Hashable) -> bool:
+        """Whether ``tp`` has state (was started or tracked since it was last forgotten)."""
+        return tp in self._parts
+
+    def start(self, tp: Hashable, committed: int | None) -> None:
+        """A partition was assigned: its first record should be ``committed`` (the group's
+        committed offset; None when there is none or it is unknown)."""
+        marks = self._parts[tp] = _PartitionMarks(committed)
+        marks.committed = committed  # and never commit below what the group has
+
+    def track(self, tp: Hashable, offset: int) -> Tracked:
+        """Record that ``offset`` of ``tp`` was read and is now in flight."""
         marks = self._parts.get(tp)
         if marks is None:
             marks = self._parts[tp] = _PartitionMarks()
@@ -57,13 +85,28 @@ class OffsetWatermarks:
             heapq.heappush(marks.heap, offset)
         marks.open[offset] = count + 1
         if marks.next_offset is None or offset >= marks.next_offset:
+            expected = marks.next_offset if marks.next_offset is not None else marks.expected
+            hole = None
+            if expected is not None and offset > expected:
+                hole = (expected, offset)
+                marks.holes.add(hole)
             marks.next_offset = offset + 1
-            return False
+            return Tracked(False, hole)
         self.redeliveries += 1
         logger.debug(
             "%s: offset %d read again (highest read %d)", tp, offset, marks.next_offset - 1
         )
-        return True
+        return Tracked(True, None)
+
+    def close_hole(self, tp: Hashable, hole: tuple[int, int]) -> None:
+        """Every record of ``hole`` was tracked (or it had none): stop holding the mark."""
+        marks = self._parts.get(tp)
+        if marks is not None:
+            marks.holes.discard(hole)
+
+    def holes(self, tp: Hashable) -> list[tuple[int, int]]:
+        marks = self._parts.get(tp)
+        return sorted(marks.holes) if marks is not None else []
 
     def finish(self, tp: Hashable, offset: int) -> None:
         """Record that one delivery of ``offset`` is answered (its result or dead letter is

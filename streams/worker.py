@@ -20,6 +20,7 @@ from streams.bootstrap import resolve_bootstrap
 from streams.control import ControlListener
 from streams.dedup import load_answered
 from streams.engines import build_engine
+from streams.holes import HoleReader
 from streams.metrics import WorkerMetrics, serve_metrics
 from streams.pipeline import IntakePipeline
 from streams.settings import Settings
@@ -70,6 +71,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         return candidate
 
     pipeline = IntakePipeline(settings, engine, codec, metrics, answered, load_version)
+    pipeline.holes = HoleReader(bootstrap, settings.app_id, settings.kafka_client_options())
     pipeline.control = ControlListener(
         bootstrap,
         settings.control_topic,

@@ -7,7 +7,7 @@ from collections.abc import Hashable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.watermarks import OffsetWatermarks
+from streams.watermarks import OffsetWatermarks, Tracked
 
 TP = ("llm.requests", 0)
 TP1 = ("llm.requests", 1)
@@ -55,18 +55,58 @@ def test_out_of_order_finish_commits_only_below_the_lowest_unfinished() -> None:
     assert marks.in_flight(TP) == 0
 
 
-def test_gaps_in_offsets_are_skipped() -> None:
-    """Offsets need not be contiguous (compaction, transaction markers)."""
+def test_gaps_in_offsets_hold_the_mark_until_closed() -> None:
+    """Offsets need not be contiguous (transaction markers), but a gap may also be records
+    that were never delivered: it holds the mark until the pipeline has read it."""
     marks = OffsetWatermarks()
-    for offset in (3, 7, 8, 20):
-        marks.track(TP, offset)
+    assert marks.track(TP, 3) == Tracked(False, None)  # first record, no committed offset
+    assert marks.track(TP, 7) == Tracked(False, (4, 7))
     marks.finish(TP, 3)
-    assert marks.committable() == {TP: 7}
+    assert marks.committable() == {TP: 4}  # not past the hole
+    assert marks.track(TP, 8).hole is None
+    assert marks.track(TP, 20).hole == (9, 20)
+    assert marks.holes(TP) == [(4, 7), (9, 20)]
     marks.finish(TP, 8)
     marks.finish(TP, 7)
+    assert marks.committable() == {TP: 4}
+    marks.close_hole(TP, (4, 7))  # it held only markers
+    assert marks.committable() == {TP: 9}
+    marks.track(TP, 12)  # read from the hole: open until answered
+    marks.close_hole(TP, (9, 20))
+    assert marks.committable() == {TP: 12}
+    marks.finish(TP, 12)
     assert marks.committable() == {TP: 20}
     marks.finish(TP, 20)
     assert marks.committable() == {TP: 21}
+
+
+def test_a_first_record_after_the_committed_offset_is_a_hole() -> None:
+    marks = OffsetWatermarks()
+    marks.start(TP, 10)
+    assert marks.knows(TP)
+    assert marks.track(TP, 15).hole == (10, 15)
+    marks.finish(TP, 15)
+    assert marks.committable() == {}  # 10 is committed already; the hole holds it there
+    marks.close_hole(TP, (10, 15))
+    assert marks.committable() == {TP: 16}
+    marks.close_hole(("other", 0), (1, 2))  # unknown partitions are ignored
+
+
+def test_a_first_record_at_or_before_the_committed_offset_is_no_hole() -> None:
+    marks = OffsetWatermarks()
+    marks.start(TP, 10)
+    assert marks.track(TP, 10) == Tracked(False, None)
+    other = OffsetWatermarks()
+    other.start(TP1, 10)
+    assert other.track(TP1, 8) == Tracked(False, None)  # re-reads below the commit: fine
+    assert other.committable() == {}  # never below the group's committed offset
+    other.finish(TP1, 8)
+    assert other.committable() == {}  # 9 < 10
+    other.track(TP1, 9)
+    other.track(TP1, 10)
+    other.finish(TP1, 9)
+    other.finish(TP1, 10)
+    assert other.committable() == {TP1: 11}
 
 
 def test_partitions_are_independent() -> None:
@@ -238,7 +278,9 @@ def test_watermark_is_never_beyond_an_unfinished_offset(
     commit_every = data.draw(st.sampled_from([None, 1, 2, 5]))
     marks = OffsetWatermarks()
     for o in offsets:
-        marks.track(TP, o)
+        hole = marks.track(TP, o).hole
+        if hole is not None:  # markers only: the pipeline finds nothing to read there
+            marks.close_hole(TP, hole)
     next_offset = offsets[-1] + 1
     unfinished = set(offsets)
     last = commit(marks)[TP]
