@@ -40,9 +40,18 @@ class WorkerProcess:
         self.log_file = log_file
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0  # where this run's output begins (the file is appended to)
+
+    def mark_log_start(self) -> None:
+        """Only log lines written from now on count for :meth:`wait_for_log`."""
+        try:
+            self._log_start = self.log_file.stat().st_size
+        except OSError:
+            self._log_start = 0
 
     def start(self) -> WorkerProcess:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.mark_log_start()
         with self.log_file.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "connectors.cli", "worker"],
@@ -87,11 +96,13 @@ class WorkerProcess:
         return ""
 
     def wait_for_log(self, needle: str, timeout: float) -> bool:
-        """Wait until ``needle`` appears in the log (or the process exits)."""
+        """Wait until ``needle`` appears in this run's part of the log (or the process
+        exits). Lines an earlier run left in the same file do not count."""
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
-            with contextlib.suppress(OSError):
-                if needle in self.log_file.read_text(errors="replace"):
+            with contextlib.suppress(OSError), self.log_file.open("rb") as log:
+                log.seek(self._log_start)
+                if needle in log.read().decode(errors="replace"):
                     return True
             if not self.alive():
                 return False
