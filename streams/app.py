@@ -55,18 +55,7 @@ def build_app(
     async def intake(stream: faust.StreamT) -> None:
         await pipeline.ready.wait()
         async for event in stream.noack().events():
-            message = event.message
-            await pipeline.handle(
-                SourceRecord(
-                    tp=message.tp,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=message.key,
-                    value=message.value,
-                    timestamp_ms=int((message.timestamp or 0) * 1000),
-                )
-            )
+            await pipeline.handle(_source_record(event.message))
 
     if settings.feedback_join:
         _add_feedback_join(app, settings, pipeline)
@@ -104,6 +93,19 @@ def build_app(
 
     app.service(PipelineService)
     return app
+
+
+def _source_record(message: Any) -> SourceRecord:
+    """A Faust message as the pipeline's record (Faust timestamps are seconds)."""
+    return SourceRecord(
+        tp=message.tp,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=int((message.timestamp or 0) * 1000),
+    )
 
 
 def requests_channel(app: faust.App, settings: Settings) -> faust.TopicT:
@@ -208,16 +210,7 @@ def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipel
 
     async def join(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            message = event.message
-            source = SourceRecord(
-                message.tp,
-                message.topic,
-                message.partition,
-                message.offset,
-                message.key,
-                message.value,
-                int((message.timestamp or 0) * 1000),
-            )
+            source = _source_record(event.message)
             emits = _join_one(joiner, codec, settings, source)
             emits.extend(joiner.sweep(source.partition))
             for emit in emits:
