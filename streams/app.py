@@ -10,7 +10,7 @@ import faust
 from mode import Service
 
 from streams.pipeline import IntakePipeline
-from streams.records import SourceRecord
+from streams.records import source_record
 from streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,14 @@ def build_app(
     async def intake(stream: faust.StreamT) -> None:
         await pipeline.ready.wait()
         async for event in stream.noack().events():
-            await pipeline.handle(_source_record(event.message))
+            await pipeline.handle(source_record(event.message))
 
     if settings.feedback_join:
-        _add_feedback_join(app, settings, pipeline)
+        from streams.feedback_join import add_feedback_join
+
+        add_feedback_join(
+            app, settings, pipeline.codec, pipeline.metrics, requests_channel(app, settings)
+        )
 
     @app.on_before_shutdown.connect
     async def drain(app: faust.App, **_: Any) -> None:
@@ -95,19 +99,6 @@ def build_app(
     return app
 
 
-def _source_record(message: Any) -> SourceRecord:
-    """A Faust message as the pipeline's record (Faust timestamps are seconds)."""
-    return SourceRecord(
-        tp=message.tp,
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value,
-        timestamp_ms=int((message.timestamp or 0) * 1000),
-    )
-
-
 def requests_channel(app: faust.App, settings: Settings) -> faust.TopicT:
     """The requests topic, with Faust's acks off.
 
@@ -135,119 +126,3 @@ def _credentials(settings: Settings) -> Any:
             mechanism=settings.kafka_sasl_mechanism,
         )
     return None
-
-
-def _add_feedback_join(app: faust.App, settings: Settings, pipeline: IntakePipeline) -> None:
-    """The agent that joins requests, results and feedback into training examples."""
-    from streams.feedback import Emit, FeedbackJoiner
-    from streams.records import dead_letter
-    from streams.redaction import Redactor
-
-    codec, metrics = pipeline.codec, pipeline.metrics
-    table = app.Table(
-        f"{settings.app_id}-feedback-join",
-        default=None,
-        partitions=settings.partitions,  # co-partitioned with the three topics
-        # no key/value types: plain JSON on the changelog (str keys, dict values)
-    )
-
-    def on_outcome(outcome: str) -> None:
-        metrics.feedback_total.labels(outcome=outcome).inc()
-
-    joiner = FeedbackJoiner(
-        table,
-        Redactor(),
-        window_ms=settings.feedback_window_ms,
-        wait_ms=settings.feedback_wait_ms,
-        max_correction_chars=settings.max_prompt_chars,
-        on_outcome=on_outcome,
-    )
-    # Results and feedback are Faust's to commit (acks); requests are the watermarks' (see
-    # requests_channel), so the join reads them through a second agent.
-    results_and_feedback = app.topic(
-        settings.results_topic,
-        settings.feedback_topic,
-        key_type=bytes,
-        value_type=bytes,
-    )
-
-    async def publish(emit: Emit, source: SourceRecord) -> None:
-        if emit.kind == "training":
-            metrics.feedback_score.observe(emit.record["score"])
-            value = codec.encode("TrainingExample", emit.record)
-            await app.producer.send_and_wait(
-                settings.training_topic, emit.key, value, None, None, None
-            )
-            return
-        feedback = emit.record.get("feedback")
-        original, offset = source.value, source.offset
-        if feedback is not None:  # re-encode: the dead letter may be decided much later
-            original = codec.encode("FeedbackEvent", feedback)
-            offset = emit.record.get("source_offset") or offset
-        letter = dead_letter(
-            SourceRecord(
-                source.tp,
-                settings.feedback_topic,
-                source.partition,
-                offset,
-                emit.key,
-                original,
-                source.timestamp_ms,
-            ),
-            emit.record["reason_code"],
-            emit.record["reason"],
-            request_id=emit.record.get("request_id"),
-            worker=settings.worker_id,
-        )
-        await app.producer.send_and_wait(
-            settings.feedback_dlq_topic,
-            emit.key,
-            codec.encode("DeadLetter", letter),
-            None,
-            None,
-            None,
-        )
-
-    async def join(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            source = _source_record(event.message)
-            emits = _join_one(joiner, codec, settings, source)
-            emits.extend(joiner.sweep(source.partition))
-            for emit in emits:
-                await publish(emit, source)
-
-    app.agent(results_and_feedback, name="sluice.feedback-join")(join)
-    app.agent(requests_channel(app, settings), name="sluice.feedback-join-requests")(join)
-
-
-def _join_one(joiner: Any, codec: Any, settings: Settings, source: SourceRecord) -> list[Any]:
-    from schemas.errors import SchemaError
-    from streams.feedback import Emit
-
-    if source.topic == settings.feedback_topic:
-        try:
-            _, record = codec.decode(source.value, expected="FeedbackEvent")
-        except SchemaError as exc:
-            joiner.count(f"dlq:{exc.reason_code}")
-            return [
-                Emit(
-                    "dlq",
-                    source.key,
-                    {
-                        "reason_code": exc.reason_code,
-                        "reason": str(exc),
-                        "request_id": None,
-                        "feedback": None,
-                    },
-                )
-            ]
-        record["_offset"] = source.offset
-        return joiner.on_feedback(source.partition, source.timestamp_ms, record)
-    expected = "InferenceResult" if source.topic == settings.results_topic else "InferenceRequest"
-    try:
-        _, record = codec.decode(source.value, expected=expected)
-    except SchemaError:
-        return []  # the intake dead-letters bad requests; results are ours
-    if expected == "InferenceResult":
-        return joiner.on_result(source.partition, source.timestamp_ms, record)
-    return joiner.on_request(source.partition, source.timestamp_ms, record)

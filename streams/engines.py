@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from inference.backends.base import Engine
@@ -51,3 +52,21 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             registry=registry,
         )
     raise ValueError(f"unknown backend {settings.backend!r}")
+
+
+VersionLoader = Callable[[str], Awaitable[Engine]]
+
+
+def version_loader(settings: Settings) -> VersionLoader:
+    """Loads (and starts) a registry version when a rollout command asks for one."""
+
+    async def load_version(version: str) -> Engine:
+        from inference.registry import ModelRegistry
+
+        folder = ModelRegistry(settings.registry_path).path(version)
+        versioned = settings.model_copy(update={"model_path": folder, "model_version": version})
+        candidate = build_engine(versioned)
+        await candidate.start()
+        return candidate
+
+    return load_version

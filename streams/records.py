@@ -22,6 +22,19 @@ class SourceRecord:
     timestamp_ms: int
 
 
+def source_record(message: Any) -> SourceRecord:
+    """A Faust message as a :class:`SourceRecord` (Faust timestamps are seconds)."""
+    return SourceRecord(
+        tp=message.tp,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=int((message.timestamp or 0) * 1000),
+    )
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

@@ -13,13 +13,12 @@ import socket
 import faust
 from prometheus_client import CollectorRegistry
 
-from inference.backends.base import Engine
 from schemas.codec import codec_from_registry_url
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
 from streams.control import ControlListener
 from streams.dedup import load_answered
-from streams.engines import build_engine
+from streams.engines import build_engine, version_loader
 from streams.holes import HoleReader
 from streams.metrics import WorkerMetrics, serve_metrics
 from streams.pipeline import IntakePipeline
@@ -61,16 +60,9 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
     codec = codec_from_registry_url(settings.schema_registry_url)
 
-    async def load_version(version: str) -> Engine:
-        from inference.registry import ModelRegistry
-
-        folder = ModelRegistry(settings.registry_path).path(version)
-        versioned = settings.model_copy(update={"model_path": folder, "model_version": version})
-        candidate = build_engine(versioned)
-        await candidate.start()
-        return candidate
-
-    pipeline = IntakePipeline(settings, engine, codec, metrics, answered, load_version)
+    pipeline = IntakePipeline(
+        settings, engine, codec, metrics, answered, version_loader(settings)
+    )
     pipeline.holes = HoleReader(bootstrap, settings.app_id, settings.kafka_client_options())
     pipeline.control = ControlListener(
         bootstrap,
