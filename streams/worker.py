@@ -60,9 +60,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
     codec = codec_from_registry_url(settings.schema_registry_url)
 
-    pipeline = IntakePipeline(
-        settings, engine, codec, metrics, answered, version_loader(settings)
-    )
+    pipeline = IntakePipeline(settings, engine, codec, metrics, answered, version_loader(settings))
     pipeline.holes = HoleReader(bootstrap, settings.app_id, settings.kafka_client_options())
     pipeline.control = ControlListener(
         bootstrap,
