@@ -1,36 +1,51 @@
 """The feedback join: requests + results + human feedback → redacted training examples.
 
-One Faust agent reads ``llm.requests``, ``llm.results`` and ``llm.feedback`` (all keyed by
-request_id with the same partition count, so a request's three records land on the same
-partition and the same worker) and keeps what it needs in a changelog-backed table.
-All table writes happen inside that agent's own iteration (FAUST_NOTES #1: a table written
-from anywhere else crash-loops). This module is the logic; the agent in ``streams.app`` only
-decodes and hands records over, then publishes what comes back.
+Requests, results and feedback are all keyed by request_id with the same partition count,
+so a request's three records land on the same partition and the same worker. The joiner
+keeps what it needs per request_id in a changelog-backed table (a plain dict in unit
+tests). It is a pure state machine: no I/O, the wall clock injected; the Faust agent in
+:mod:`streams.feedback_join` decodes records, hands them over and publishes what comes back.
+All table writes happen inside an agent's iteration, since Faust refuses table writes
+from anywhere else. The state, timers and bounds are described in ``docs/feedback-join.md``.
 
-Timing rules, all on event time (record timestamps), so replays behave like live runs:
+Timing rules, on event time (record timestamps, one clock per partition, never more than
+``clock_skew_ms`` past wall time), so replays behave like live runs:
 
 * feedback for a request whose result is in the table → a training example at once;
 * feedback that arrives before its result (or even before its request) is parked in the
   entry and joined when the result arrives; if nothing arrives within ``wait_ms`` it is
   dead-lettered (``unknown_request`` / ``no_result``), never dropped silently;
-* an entry lives ``window_ms`` after its last update; then it becomes a tombstone for
-  another window, so feedback that comes too late is dead-lettered as ``outside_window``
-  (not mistaken for an unknown request); then it is deleted.
+* an entry lives ``window_ms`` after its last update; then it is replaced by a small
+  marker (no prompt, no answer) for another window, so feedback that comes too late is
+  dead-lettered as ``outside_window`` (not mistaken for an unknown request); then it is
+  deleted (a tombstone on the changelog).
+
+Timers live in memory (a heap per partition); :meth:`FeedbackJoiner.rebuild` recreates
+them from the table after a restart or a rebalance, so recovered entries expire too.
+Every stored value is bounded by ``max_entry_bytes`` (see :func:`fit_entry`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import logging
+import re
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 SCORES = (-1, 0, 1)
+
+#: What a truncated text ends with (in the stored entry and so in the training example).
+TRUNCATED = " …[truncated]"
+#: The metadata key that replaces a parked feedback's metadata when it had to go.
+METADATA_DROPPED = "sluice.truncated"
 
 
 @dataclass(frozen=True)
@@ -48,8 +63,27 @@ class Redacts:
     def redact(self, text: str) -> Any: ...  # returns an object with .text and .counts
 
 
+def wall_ms() -> int:
+    """The default wall clock: epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Timers:
+    """One partition's deadlines: a heap, plus the due time each key currently counts
+    on (heap items whose time no longer matches are stale and skipped)."""
+
+    heap: list[tuple[int, str]] = field(default_factory=list)
+    due: dict[str, int] = field(default_factory=dict)
+
+
 class FeedbackJoiner:
-    """Joins per request_id; ``table`` is the Faust table (a plain dict in unit tests)."""
+    """Joins per request_id; ``table`` is the Faust table (a plain dict in unit tests).
+
+    Table values (JSON): ``{"partition", "seen_ms", "request"?, "result"?, "failed"?,
+    "pending"?: [feedback + "_parked_ms", "_offset"]}``, or the marker of an expired entry
+    ``{"partition", "seen_ms", "expired_ms"}``.
+    """
 
     def __init__(
         self,
@@ -59,6 +93,9 @@ class FeedbackJoiner:
         window_ms: int,
         wait_ms: int,
         max_correction_chars: int = 16_000,
+        max_entry_bytes: int = 256_000,
+        clock_skew_ms: int = 60_000,
+        wall_clock: Callable[[], int] = wall_ms,
         on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.table = table
@@ -66,8 +103,11 @@ class FeedbackJoiner:
         self.window_ms = window_ms
         self.wait_ms = wait_ms
         self.max_correction_chars = max_correction_chars
+        self.max_entry_bytes = max_entry_bytes
+        self.clock_skew_ms = clock_skew_ms
+        self._wall = wall_clock
         self._on_outcome = on_outcome or (lambda _outcome: None)
-        self._due: dict[int, list[tuple[int, str]]] = {}  # a heap per partition
+        self._timers: dict[int, _Timers] = {}
         self._clock: dict[int, int] = {}
         self.counts: Counter[str] = Counter()
 
@@ -75,9 +115,7 @@ class FeedbackJoiner:
     def on_request(self, partition: int, ts: int, record: Mapping[str, Any]) -> list[Emit]:
         now = self._tick(partition, ts)
         rid = record["request_id"]
-        entry = dict(self.table.get(rid) or {})
-        if entry.get("expired_ms") is not None:
-            entry = {}
+        entry = self._live_entry(rid)
         sampling = record.get("sampling") or {}
         entry["request"] = {
             "prompt": record.get("prompt", ""),
@@ -94,9 +132,7 @@ class FeedbackJoiner:
     def on_result(self, partition: int, ts: int, record: Mapping[str, Any]) -> list[Emit]:
         now = self._tick(partition, ts)
         rid = record["request_id"]
-        entry = dict(self.table.get(rid) or {})
-        if entry.get("expired_ms") is not None:
-            entry = {}
+        entry = self._live_entry(rid)
         if record.get("status") != "OK":
             entry["failed"] = record.get("status")
         entry["result"] = {
@@ -109,94 +145,194 @@ class FeedbackJoiner:
         return self._store(partition, rid, entry, now)
 
     def on_feedback(self, partition: int, ts: int, record: Mapping[str, Any]) -> list[Emit]:
-        """A decoded FeedbackEvent. Invalid ones come back as dead letters."""
+        """A decoded FeedbackEvent (``_offset``: its offset, for dead letters). Invalid
+        ones come back as dead letters."""
         now = self._tick(partition, ts)
         rid = record.get("request_id") or ""
         problem = self._validate(record)
         if problem is not None:
-            return [self._dead(record, *problem)]
+            return [self._dead(partition, record, *problem)]
         entry = self.table.get(rid)
         if entry is not None and entry.get("expired_ms") is not None:
-            return [self._dead(record, "outside_window", "feedback arrived after the window")]
+            return [self._dead(partition, record, *_OUTSIDE_WINDOW)]
         if entry is not None and "result" in entry and "request" in entry:
             if now - int(entry["seen_ms"]) > self.window_ms:
-                return [self._dead(record, "outside_window", "feedback arrived after the window")]
+                return [self._dead(partition, record, *_OUTSIDE_WINDOW)]
             return [self._example(rid, entry, record)]
         # Early: before its result (or its request). Park it in the entry.
         entry = dict(entry or {})
-        entry["pending"] = [*entry.get("pending", []), {**record, "_parked_ms": now}]
-        self.table[rid] = {**entry, "seen_ms": entry.get("seen_ms", now)}
-        self._schedule(partition, now + self.wait_ms, rid)
-        self._count("early")
-        return []
+        pending = list(entry.get("pending", []))
+        offset = record.get("_offset")
+        if offset is not None and any(fb.get("_offset") == offset for fb in pending):
+            self.count("redelivered")  # read again after a restart: parked already
+            return []
+        pending.append({**record, "_parked_ms": now})
+        entry.update(pending=pending, seen_ms=entry.get("seen_ms", now), partition=partition)
+        entry, dropped = self._fit(entry)  # the newest goes first, if any must
+        self.table[rid] = entry
+        self._schedule(partition, self._next_due(entry), rid)
+        if not dropped:
+            self.count("early")
+        return [self._dead(partition, fb, *_TOO_LARGE) for fb in dropped]
 
     def sweep(self, partition: int) -> list[Emit]:
         """Handle everything due on this partition by its event-time clock."""
         now = self._clock.get(partition)
-        queue = self._due.get(partition)
+        timers = self._timers.get(partition)
         out: list[Emit] = []
-        while queue and now is not None and queue[0][0] <= now:
-            _, rid = heapq.heappop(queue)
+        while timers and timers.heap and now is not None and timers.heap[0][0] <= now:
+            due, rid = heapq.heappop(timers.heap)
+            if timers.due.get(rid) != due:
+                continue  # superseded by an earlier deadline that already fired
+            del timers.due[rid]
             out.extend(self._expire(partition, rid, now))
         return out
 
+    def rebuild(
+        self,
+        partitions: Collection[int] | None = None,
+        *,
+        partition_of: Callable[[str], int] | None = None,
+    ) -> list[str]:
+        """Recreate every timer from the table (after its recovery from the changelog).
+
+        ``partitions``: the partitions this worker now owns (None: all). Entries on other
+        partitions get no timers; their keys are returned, so the caller can drop the
+        local copies. ``partition_of`` places entries stored without a partition. Each
+        owned partition's clock starts at the latest time its entries record (never past
+        wall time + skew), so a restart does not make old entries look young.
+        """
+        self._timers.clear()
+        ceiling = self._wall() + self.clock_skew_ms
+        foreign: list[str] = []
+        for rid, entry in list(self.table.items()):
+            if not isinstance(entry, Mapping):
+                continue
+            partition = entry.get("partition")
+            if partition is None and partition_of is not None:
+                partition = partition_of(rid)
+            if partition is None:
+                logger.warning("feedback join: entry %r has no partition; no timer", rid)
+                continue
+            if partitions is not None and partition not in partitions:
+                foreign.append(rid)
+                continue
+            self._schedule(partition, self._next_due(entry), rid)
+            latest = min(_latest_ms(entry), ceiling)
+            self._clock[partition] = max(self._clock.get(partition, 0), latest)
+        logger.info(
+            "feedback join: %d timers rebuilt on partitions %s",
+            sum(len(t.due) for t in self._timers.values()),
+            sorted(self._timers),
+        )
+        return foreign
+
+    def clock(self, partition: int) -> int | None:
+        """This partition's event-time clock (epoch ms), None before its first record."""
+        return self._clock.get(partition)
+
+    def timers(self, partition: int) -> dict[str, int]:
+        """The deadline each key on this partition counts on (a copy)."""
+        timers = self._timers.get(partition)
+        return dict(timers.due) if timers else {}
+
+    def count(self, outcome: str) -> None:
+        """Count an outcome (also for dead letters decided outside the joiner)."""
+        self.counts[outcome] += 1
+        self._on_outcome(outcome)
+
     # -- internals ---------------------------------------------------------------------
     def _tick(self, partition: int, ts: int) -> int:
+        ceiling = self._wall() + self.clock_skew_ms
+        if ts > ceiling:
+            self.count("future_timestamp")
+            ts = ceiling
         now = max(self._clock.get(partition, 0), ts)
         self._clock[partition] = now
         return now
 
+    def _live_entry(self, rid: str) -> dict[str, Any]:
+        entry = dict(self.table.get(rid) or {})
+        return {} if entry.get("expired_ms") is not None else entry
+
     def _store(self, partition: int, rid: str, entry: dict[str, Any], now: int) -> list[Emit]:
         entry["seen_ms"] = now
+        entry["partition"] = partition
         out: list[Emit] = []
         pending = entry.pop("pending", [])
         if pending and "request" in entry and "result" in entry:
+            entry, _ = self._fit(entry)
             out = [self._example(rid, entry, fb) for fb in pending]
-        elif pending:
-            entry["pending"] = pending
+        else:
+            if pending:
+                entry["pending"] = pending
+            entry, dropped = self._fit(entry)
+            out = [self._dead(partition, fb, *_TOO_LARGE) for fb in dropped]
         self.table[rid] = entry
         self._schedule(partition, now + self.window_ms, rid)
         return out
+
+    def _fit(self, entry: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        fitted, truncated, dropped = fit_entry(entry, self.max_entry_bytes)
+        if truncated:
+            self.count("truncated")
+        return fitted, dropped
 
     def _expire(self, partition: int, rid: str, now: int) -> list[Emit]:
         entry = self.table.get(rid)
         if entry is None:
             return []
-        out: list[Emit] = []
         if entry.get("expired_ms") is not None:
             if now - int(entry["expired_ms"]) >= self.window_ms:
-                del self.table[rid]
+                del self.table[rid]  # a tombstone on the changelog
             else:
-                self._schedule(partition, int(entry["expired_ms"]) + self.window_ms, rid)
+                self._schedule(partition, self._next_due(entry), rid)
             return []
         pending = entry.get("pending", [])
         waiting = [fb for fb in pending if now - int(fb["_parked_ms"]) < self.wait_ms]
+        out: list[Emit] = []
         for fb in pending:
-            if fb not in waiting:
-                if "request" not in entry:
-                    out.append(
-                        self._dead(fb, "unknown_request", "no request with this id was seen")
-                    )
-                else:
-                    out.append(self._dead(fb, "no_result", "the request has no result yet"))
-        if waiting:
-            entry = {**entry, "pending": waiting}
-            self.table[rid] = entry
-            self._schedule(
-                partition, min(int(f["_parked_ms"]) for f in waiting) + self.wait_ms, rid
-            )
-        elif pending:
-            entry = {k: v for k, v in entry.items() if k != "pending"}
-            self.table[rid] = entry
-        if now - int(entry["seen_ms"]) >= self.window_ms and not waiting:
-            self.table[rid] = {"expired_ms": now, "seen_ms": entry["seen_ms"]}
+            if now - int(fb["_parked_ms"]) < self.wait_ms:
+                continue
+            if "request" not in entry:
+                out.append(self._dead(partition, fb, "unknown_request", _NO_REQUEST))
+            else:
+                out.append(self._dead(partition, fb, "no_result", _NO_RESULT))
+        if not waiting and now - int(entry["seen_ms"]) >= self.window_ms:
+            # The prompt and the answer leave the changelog here; the marker stays one
+            # more window to tell late feedback from feedback for an unknown request.
+            self.table[rid] = {
+                "partition": partition,
+                "seen_ms": int(entry["seen_ms"]),
+                "expired_ms": now,
+            }
+            self.count("expired")
             self._schedule(partition, now + self.window_ms, rid)
-        elif not waiting:
-            self._schedule(partition, int(entry["seen_ms"]) + self.window_ms, rid)
+            return out
+        if len(waiting) != len(pending):
+            entry = {k: v for k, v in entry.items() if k != "pending"}
+            if waiting:
+                entry["pending"] = waiting
+            self.table[rid] = entry
+        self._schedule(partition, self._next_due(entry), rid)
         return out
 
+    def _next_due(self, entry: Mapping[str, Any]) -> int:
+        if entry.get("expired_ms") is not None:
+            return int(entry["expired_ms"]) + self.window_ms
+        due = int(entry.get("seen_ms", 0)) + self.window_ms
+        pending = entry.get("pending") or []
+        if pending:
+            due = min(due, min(int(fb["_parked_ms"]) for fb in pending) + self.wait_ms)
+        return due
+
     def _schedule(self, partition: int, due: int, rid: str) -> None:
-        heapq.heappush(self._due.setdefault(partition, []), (due, rid))
+        timers = self._timers.setdefault(partition, _Timers())
+        current = timers.due.get(rid)
+        if current is not None and current <= due:
+            return  # the earlier deadline fires first and schedules the next one
+        timers.due[rid] = due
+        heapq.heappush(timers.heap, (due, rid))
 
     def _validate(self, record: Mapping[str, Any]) -> tuple[str, str] | None:
         if not (record.get("request_id") or "").strip():
@@ -241,11 +377,13 @@ class FeedbackJoiner:
             "redactions": dict(redactions),
             "created_at": int(entry.get("seen_ms", 0)),
         }
-        self._count("joined")
+        self.count("joined")
         return Emit("training", rid.encode(), record)
 
-    def _dead(self, feedback: Mapping[str, Any], code: str, reason: str) -> Emit:
-        self._count(f"dlq:{code}")
+    def _dead(self, partition: int, feedback: Mapping[str, Any], code: str, reason: str) -> Emit:
+        """A feedback dead letter; ``source_offset`` is the feedback record's own offset
+        (when known), whenever the letter is decided."""
+        self.count(f"dlq:{code}")
         rid = feedback.get("request_id") or None
         return Emit(
             "dlq",
@@ -254,13 +392,110 @@ class FeedbackJoiner:
                 "reason_code": code,
                 "reason": reason,
                 "request_id": rid,
+                "source_partition": partition,
+                "source_offset": feedback.get("_offset"),
                 "feedback": {k: v for k, v in feedback.items() if not k.startswith("_")},
             },
         )
 
-    def _count(self, outcome: str) -> None:
-        self.counts[outcome] += 1
-        self._on_outcome(outcome)
+
+_OUTSIDE_WINDOW = ("outside_window", "feedback arrived after the window")
+_TOO_LARGE = ("entry_too_large", "the join's entry for this request is full")
+_NO_REQUEST = "no request with this id was seen"
+_NO_RESULT = "the request has no result yet"
+
+
+def _latest_ms(entry: Mapping[str, Any]) -> int:
+    times = [int(entry.get("seen_ms", 0)), int(entry.get("expired_ms") or 0)]
+    times += [int(fb.get("_parked_ms", 0)) for fb in entry.get("pending") or []]
+    return max(times)
+
+
+# -- size bound ----------------------------------------------------------------------------
+def entry_bytes(value: Any) -> int:
+    """Bytes of ``value`` as JSON with every non-ASCII character escaped: an upper bound
+    of what Faust's JSON codecs (json or orjson) write to the changelog."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=True))
+
+
+def fit_entry(
+    entry: Mapping[str, Any], limit: int
+) -> tuple[dict[str, Any], bool, list[dict[str, Any]]]:
+    """``entry`` made to fit in ``limit`` bytes (:func:`entry_bytes`).
+
+    In order, until it fits: the longest text (prompt, system, answer, a parked
+    feedback's correction, label or metadata value) is cut at a word boundary and ends
+    with :data:`TRUNCATED`; a parked feedback's whole metadata is replaced by
+    ``{METADATA_DROPPED: "<n> entries"}``; the newest parked feedback is taken out.
+    Returns the fitted copy (``entry`` itself when it fits), whether anything was
+    truncated, and the parked feedback taken out (the caller dead-letters them).
+    """
+    if entry_bytes(entry) <= limit:
+        return dict(entry), False, []
+    fitted: dict[str, Any] = json.loads(json.dumps(entry))  # a deep, JSON-shaped copy
+    truncated = False
+    for _ in range(256):  # each round removes most of the excess; bounded anyway
+        excess = entry_bytes(fitted) - limit
+        if excess <= 0:
+            break
+        longest = max(_texts(fitted), key=lambda slot: len(slot[2]), default=None)
+        if longest is None or len(longest[2]) <= len(TRUNCATED):
+            break
+        holder, name, text = longest
+        holder[name] = _cut(text, excess)
+        truncated = True
+    pending: list[dict[str, Any]] = fitted.get("pending") or []
+    for fb in sorted(pending, key=lambda fb: -entry_bytes(fb.get("metadata") or {})):
+        if entry_bytes(fitted) <= limit:
+            break
+        metadata = fb.get("metadata") or {}
+        if metadata and METADATA_DROPPED not in metadata:
+            fb["metadata"] = {METADATA_DROPPED: f"{len(metadata)} entries"}
+            truncated = True
+    dropped: list[dict[str, Any]] = []
+    while pending and entry_bytes(fitted) > limit:
+        dropped.insert(0, pending.pop())
+    if "pending" in fitted and not pending:
+        del fitted["pending"]
+    if entry_bytes(fitted) > limit:
+        logger.warning("feedback join: an entry is still %d bytes", entry_bytes(fitted))
+    return fitted, truncated, dropped
+
+
+def _texts(entry: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """Every cuttable text in an entry, as (holder, field name, text)."""
+    for part, names in (("request", ("prompt", "system")), ("result", ("text",))):
+        holder = entry.get(part)
+        if isinstance(holder, dict):
+            for name in names:
+                if isinstance(holder.get(name), str):
+                    yield holder, name, holder[name]
+    for fb in entry.get("pending") or []:
+        for name in ("correction", "label"):
+            if isinstance(fb.get(name), str):
+                yield fb, name, fb[name]
+        metadata = fb.get("metadata")
+        if isinstance(metadata, dict):
+            for name, value in metadata.items():
+                if isinstance(value, str):
+                    yield metadata, name, value
+
+
+_LAST_SPACE = re.compile(r"\s\S*\Z")
+
+
+def _cut(text: str, excess: int) -> str:
+    """``text`` shortened by at least ``excess`` JSON bytes, cut at a word boundary (so no
+    half an e-mail address or card number is left for the redactor to miss)."""
+    body = text[: -len(TRUNCATED)] if text.endswith(TRUNCATED) else text
+    per_char = max(entry_bytes(body) - 2, 1) / max(len(body), 1)
+    keep = max(len(body) - int((excess + entry_bytes(TRUNCATED)) / per_char) - 1, 0)
+    head = body[:keep]
+    if keep < len(body) and not body[keep].isspace():
+        space = _LAST_SPACE.search(head, max(0, keep - 200))
+        if space is not None:  # else one very long token: cut it where it is
+            head = head[: space.start()]
+    return head + TRUNCATED
 
 
 def _pseudonymous(user: str | None) -> str | None:

@@ -2,14 +2,17 @@
 
 The join itself is a pure state machine (:class:`streams.feedback.FeedbackJoiner`); this
 module wires it to Faust: a changelog-backed table, two agents (the requests topic has its
-own, acks-off channel, see :func:`streams.app.requests_channel`) and the producer.
+own, acks-off channel, see :func:`streams.app.requests_channel`), the producer, and the
+table's recovery hook that rebuilds the joiner's timers (``docs/feedback-join.md``).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
@@ -18,6 +21,18 @@ from streams.metrics import WorkerMetrics
 from streams.records import SourceRecord, dead_letter, source_record
 from streams.redaction import Redactor
 from streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def table_name(settings: Settings) -> str:
+    """The join table's name."""
+    return f"{settings.app_id}-feedback-join"
+
+
+def changelog_topic(settings: Settings) -> str:
+    """The join table's changelog topic (Faust's naming: ``<app id>-<table>-changelog``)."""
+    return f"{settings.app_id}-{table_name(settings)}-changelog"
 
 
 def add_feedback_join(
@@ -29,7 +44,7 @@ def add_feedback_join(
 ) -> None:
     """The agent that joins requests, results and feedback into training examples."""
     table = app.Table(
-        f"{settings.app_id}-feedback-join",
+        table_name(settings),
         default=None,
         partitions=settings.partitions,  # co-partitioned with the three topics
         # no key/value types: plain JSON on the changelog (str keys, dict values)
@@ -44,8 +59,25 @@ def add_feedback_join(
         window_ms=settings.feedback_window_ms,
         wait_ms=settings.feedback_wait_ms,
         max_correction_chars=settings.max_prompt_chars,
+        max_entry_bytes=settings.feedback_max_entry_bytes,
+        clock_skew_ms=settings.feedback_clock_skew_ms,
         on_outcome=on_outcome,
     )
+
+    @table.on_recover
+    async def rebuild_timers() -> None:
+        # Faust calls this after every rebalance, once the table holds what the
+        # changelog had, before the stream partitions resume. Reads only: the table
+        # cannot be written outside an agent's iteration.
+        owned = {
+            tp.partition
+            for tp in app.assignor.assigned_actives()
+            if tp.topic == table.changelog_topic_name
+        }
+        foreign = joiner.rebuild(owned, partition_of=_default_partition(settings.partitions))
+        for key in foreign:  # another worker's now: drop the local copy (no tombstone)
+            table.data.pop(key, None)
+
     # Results and feedback are Faust's to commit (acks); requests are the watermarks' (see
     # requests_channel), so the join reads them through a second agent.
     results_and_feedback = app.topic(
@@ -63,21 +95,8 @@ def add_feedback_join(
                 settings.training_topic, emit.key, value, None, None, None
             )
             return
-        feedback = emit.record.get("feedback")
-        original, offset = source.value, source.offset
-        if feedback is not None:  # re-encode: the dead letter may be decided much later
-            original = codec.encode("FeedbackEvent", feedback)
-            offset = emit.record.get("source_offset") or offset
         letter = dead_letter(
-            SourceRecord(
-                source.tp,
-                settings.feedback_topic,
-                source.partition,
-                offset,
-                emit.key,
-                original,
-                source.timestamp_ms,
-            ),
+            _feedback_source(emit, source, codec, settings),
             emit.record["reason_code"],
             emit.record["reason"],
             request_id=emit.record.get("request_id"),
@@ -102,6 +121,54 @@ def add_feedback_join(
 
     app.agent(results_and_feedback, name="sluice.feedback-join")(join)
     app.agent(requests, name="sluice.feedback-join-requests")(join)
+
+
+def _feedback_source(
+    emit: Emit, source: SourceRecord, codec: AvroCodec, settings: Settings
+) -> SourceRecord:
+    """Where a feedback dead letter's record came from. A letter decided later (a sweep
+    while another record is read) names the feedback's own partition and offset and
+    carries the feedback re-encoded; one decided on reading it carries its bytes."""
+    offset = emit.record.get("source_offset")
+    partition = emit.record.get("source_partition", source.partition)
+    feedback = emit.record.get("feedback")
+    is_current = source.topic == settings.feedback_topic and (
+        offset is None or (offset == source.offset and partition == source.partition)
+    )
+    if is_current or feedback is None:
+        return SourceRecord(
+            source.tp,
+            settings.feedback_topic,
+            source.partition,
+            source.offset,
+            emit.key,
+            source.value,
+            source.timestamp_ms,
+        )
+    try:
+        original: bytes | None = codec.encode("FeedbackEvent", feedback)
+    except Exception:  # a stored value the schema no longer takes: keep the letter
+        logger.exception("feedback join: cannot re-encode parked feedback %r", emit.key)
+        original = None
+    return SourceRecord(
+        source.tp,
+        settings.feedback_topic,
+        int(partition),
+        int(offset) if offset is not None else -1,
+        emit.key,
+        original,
+        source.timestamp_ms,
+    )
+
+
+def _default_partition(partitions: int) -> Any:
+    """Kafka's default partitioner (murmur2 of the key), for entries stored before the
+    table recorded each entry's partition."""
+
+    def partition_of(rid: str) -> int:
+        return (murmur2(rid.encode()) & 0x7FFFFFFF) % partitions
+
+    return partition_of
 
 
 def _join_one(joiner: Any, codec: Any, settings: Settings, source: SourceRecord) -> list[Any]:

@@ -93,6 +93,16 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(16_000, ge=1)
     max_prompt_tokens: int = Field(1_024, ge=1)
     max_new_tokens_limit: int = Field(512, ge=1)
+    max_system_chars: int = Field(16_000, ge=1, description="Checked before tokenizing.")
+    max_stop_strings: int = Field(16, ge=0)
+    max_stop_chars: int = Field(64, ge=1, description="Longest stop string.")
+    max_metadata_entries: int = Field(64, ge=0)
+    max_metadata_chars: int = Field(8_192, ge=0, description="Metadata keys + values.")
+    max_id_chars: int = Field(256, ge=1, description="Longest request_id, tenant, model.")
+    max_priority: int = Field(9, ge=0, description="Priorities are clamped to 0..this.")
+    min_temperature: float = Field(
+        1e-3, ge=0, le=1, description="Temperatures in (0, this) are decoded greedily."
+    )
     batch_max_size: int = Field(16, ge=1)
     batch_max_tokens: int = Field(8_192, ge=1, description="prompt + max_new_tokens per batch.")
     batch_max_wait_ms: float = Field(20.0, ge=0)
@@ -109,6 +119,17 @@ class Settings(BaseSettings):
     )
     feedback_wait_ms: int = Field(
         10 * 60 * 1000, ge=1, description="How long early feedback waits for its result."
+    )
+    feedback_max_entry_bytes: int = Field(
+        256_000,
+        ge=4_096,
+        description="Largest value the join stores per request_id (JSON bytes); longer "
+        "prompts, answers, corrections and metadata are truncated with a marker.",
+    )
+    feedback_clock_skew_ms: int = Field(
+        60_000,
+        ge=0,
+        description="How far past wall time a record's timestamp may move the join's clock.",
     )
 
     # --- worker ---------------------------------------------------------------------------
