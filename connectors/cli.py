@@ -358,18 +358,56 @@ def _registry():  # type: ignore[no-untyped-def]
     return ModelRegistry(_settings().registry_path)
 
 
+def _version_label(version: str | None) -> str:
+    return version if version is not None else "base (the worker's configured model)"
+
+
+def _print_rollout(state, commands: int, topic: str, topic_exists: bool = True) -> None:  # type: ignore[no-untyped-def]
+    if not topic_exists:
+        err.print(f"{topic} does not exist yet: every worker serves its configured model")
+    print(f"current:   {_version_label(state.current)}")
+    if state.candidate is None:
+        print("candidate: none")
+    else:
+        print(f"candidate: {state.candidate} (canary {state.canary_percent}%)")
+    previous = ", ".join(_version_label(v) for v in state.previous) or "none"
+    print(f"previous:  {previous}")
+    err.print(f"[dim]the fold of {commands} commands on {topic}[/]")
+
+
+def _read_rollout(settings: Settings):  # type: ignore[no-untyped-def]
+    """The fold of the control topic, as every worker computes it."""
+    from schemas.codec import codec_from_registry_url
+    from streams.bootstrap import resolve_bootstrap
+    from streams.control import read_rollout
+
+    return read_rollout(
+        resolve_bootstrap(settings),
+        settings.control_topic,
+        codec_from_registry_url(settings.schema_registry_url),
+        settings.kafka_client_options(),
+    )
+
+
 def _send_control(command: str, version: str | None = None, percent: int | None = None) -> None:
+    """Fold llm.control, check COMMAND against that state with the workers' own rules
+    (``RolloutState.transition``), then publish it; a refused command is not sent."""
     import getpass
 
     from connectors.client import SluiceClient
+    from streams.rollout import RolloutCommandError
 
     settings = _settings()
+    if version is not None:
+        _registry().path(version)  # UnknownVersionError: workers could not load it either
 
-    async def go() -> str:
+    async def go():  # type: ignore[no-untyped-def]
+        log = await _read_rollout(settings)
+        state = log.state.transition({"command": command, "version": version, "percent": percent})
         client = SluiceClient(settings)
         await client.start(watch_results=False)
         try:
-            return await client.send_control(
+            command_id = await client.send_control(
                 command,
                 model=settings.model_name,
                 version=version,
@@ -378,33 +416,38 @@ def _send_control(command: str, version: str | None = None, percent: int | None 
             )
         finally:
             await client.stop()
+        return command_id, state, log.commands + 1
 
-    command_id = asyncio.run(go())
+    try:
+        command_id, state, commands = asyncio.run(go())
+    except RolloutCommandError as exc:
+        err.print(f"[red]refused[/]: {escape(str(exc))}; nothing was sent")
+        raise typer.Exit(2) from exc
     err.print(
         f"{command} sent on {settings.control_topic} (command {command_id}); "
         "every worker applies it"
     )
+    _print_rollout(state, commands, settings.control_topic)
+
+
+@model_app.command("status")
+def model_status() -> None:
+    """The rollout state: the fold of every command on llm.control, as workers see it."""
+    settings = _settings()
+    log = asyncio.run(_read_rollout(settings))
+    _print_rollout(log.state, log.commands, settings.control_topic, log.topic_exists)
 
 
 @model_app.command("list")
 def model_list() -> None:
-    """Registered versions and the rollout state."""
+    """Registered versions (the rollout state is `sluice model status`)."""
     from rich.table import Table
 
-    registry = _registry()
-    state = registry.state()
     table = Table(title=f"Model registry ({_settings().registry_path})")
-    for column in ("version", "role", "registered", "path"):
+    for column in ("version", "registered", "path"):
         table.add_column(column)
-    for info in registry.versions():
-        role = (
-            "current"
-            if info.version == state.current
-            else f"candidate ({state.canary_percent}%)"
-            if info.version == state.candidate
-            else ""
-        )
-        table.add_row(info.version, role, str(info.registered_at), str(info.path))
+    for info in _registry().versions():
+        table.add_row(info.version, str(info.registered_at), str(info.path))
     console.print(table)
 
 
@@ -420,28 +463,24 @@ def model_register(
 @model_app.command("load")
 def model_load(version: str = typer.Argument(..., help="A registered version.")) -> None:
     """Load VERSION as the candidate on every worker (0% traffic until `canary`)."""
-    _registry().set_candidate(version)
     _send_control("LOAD", version=version)
 
 
 @model_app.command("canary")
 def model_canary(percent: int = typer.Argument(..., min=0, max=100)) -> None:
     """Route PERCENT % of requests (by request_id hash) to the candidate."""
-    _registry().set_canary(percent)
     _send_control("CANARY", percent=percent)
 
 
 @model_app.command("promote")
 def model_promote() -> None:
     """Make the candidate the current version everywhere."""
-    _registry().promote()
     _send_control("PROMOTE")
 
 
 @model_app.command("rollback")
 def model_rollback() -> None:
     """Drop the candidate; with none, go back to the previous current version."""
-    _registry().rollback()
     _send_control("ROLLBACK")
 
 

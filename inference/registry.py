@@ -1,18 +1,21 @@
-"""A model registry on disk: which versions exist, which one serves, which one is on trial.
+"""A model registry on disk: the model versions that exist, their folders and metadata.
+
+It holds no rollout state: which version serves, which is on trial and with what share is
+the fold of the ``llm.control`` topic (``streams/rollout.py``, ``docs/rollout.md``).
 
 Layout under ``root``::
 
-    root/registry.json            the state (below), replaced atomically on every change
+    root/registry.json            the index (below), replaced atomically on every change
     root/registry.lock            fcntl lock file: one writer at a time across processes
     root/versions/<version>/      a plain HF model folder + SLUICE_VERSION + MODEL_CARD.md
 
 ``registry.json``::
 
-    {"current": "v1", "candidate": "v2" | null, "canary_percent": 0..100,
-     "previous": ["v0", ...],                 # stack of earlier currents, newest last
-     "versions": {"v1": {"registered_at": ..., "source": ..., "metadata": {...}}, ...},
-     "history": [{"at": ..., "event": "register" | "candidate" | "canary" | "promote"
-                  | "rollback", "version": ..., ...}, ...]}
+    {"versions": {"v1": {"registered_at": ..., "source": ..., "metadata": {...}}, ...}}
+
+Files written by earlier releases also carry rollout fields (``current``, ``candidate``,
+``canary_percent``, ``previous``, ``history``); they are read without complaint, ignored,
+and dropped at the next write.
 
 Writers take an exclusive ``flock`` on ``registry.lock``, re-read the json, change it and
 write it to a temporary file in ``root`` that is fsynced and ``os.replace``-d over the old
@@ -20,11 +23,6 @@ one; readers need no lock, since they see either the old or the new file, never 
 Model folders are copied into a hidden staging folder *outside* the lock (copying 500 MB
 takes a while) and renamed into ``versions/`` under it, so a version folder is either
 complete or absent.
-
-Life cycle: ``register`` a folder, ``set_candidate`` it, ``set_canary(percent)`` to send
-it part of the traffic, then ``promote`` it (it becomes current; the old current goes on
-the ``previous`` stack) or ``rollback`` (drops the candidate; with no candidate, restores
-the previous current). Which requests a canary receives is the worker's business.
 
 A folder written by ``sluice retrain`` whose ``retrain.json`` says the evaluation gate
 refused it is not registered unless ``force=True``.
@@ -53,7 +51,8 @@ LOCK_FILE = "registry.lock"
 VERSIONS_DIR = "versions"
 MODEL_CARD_FILE = "MODEL_CARD.md"
 RETRAIN_REPORT_FILE = "retrain.json"
-MAX_HISTORY = 1000
+#: Rollout fields of registry files from earlier releases: ignored, dropped on write.
+LEGACY_KEYS = ("current", "candidate", "canary_percent", "previous", "history")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]{0,199}$")
 
 
@@ -87,14 +86,6 @@ class RejectedModelError(ModelRegistryError):
     reason_code = "model_rejected"
 
 
-class NoCandidateError(ModelRegistryError):
-    reason_code = "no_candidate"
-
-
-class NothingToRollBackError(ModelRegistryError):
-    reason_code = "nothing_to_roll_back"
-
-
 # -- values ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VersionInfo:
@@ -103,40 +94,10 @@ class VersionInfo:
     registered_at: str
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-    role: str = "registered"  # "current" | "candidate" | "previous" | "registered"
-
-
-@dataclass(frozen=True)
-class RegistryState:
-    current: str | None = None
-    candidate: str | None = None
-    canary_percent: int = 0
-    previous: tuple[str, ...] = ()
-    history: tuple[dict[str, Any], ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return self.current is None and self.candidate is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "current": self.current,
-            "candidate": self.candidate,
-            "canary_percent": self.canary_percent,
-            "previous": list(self.previous),
-            "history": [dict(h) for h in self.history],
-        }
 
 
 def _empty_doc() -> dict[str, Any]:
-    return {
-        "current": None,
-        "candidate": None,
-        "canary_percent": 0,
-        "previous": [],
-        "versions": {},
-        "history": [],
-    }
+    return {"versions": {}}
 
 
 def _now() -> str:
@@ -145,7 +106,7 @@ def _now() -> str:
 
 # -- the registry ----------------------------------------------------------------------
 class ModelRegistry:
-    """Versions on disk plus the serving state, safe for several processes at once."""
+    """Model versions on disk, safe for several processes at once."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -154,16 +115,6 @@ class ModelRegistry:
         self.lock_file = self.root / LOCK_FILE
 
     # -- reading -----------------------------------------------------------------------
-    def state(self) -> RegistryState:
-        doc = self._read()
-        return RegistryState(
-            current=doc["current"],
-            candidate=doc["candidate"],
-            canary_percent=int(doc["canary_percent"]),
-            previous=tuple(doc["previous"]),
-            history=tuple(doc["history"]),
-        )
-
     def versions(self) -> list[VersionInfo]:
         """Every registered version, oldest first."""
         doc = self._read()
@@ -175,9 +126,14 @@ class ModelRegistry:
         return self._info(doc, version)
 
     def path(self, version: str) -> Path:
-        """The model folder of a registered version."""
+        """The model folder of a registered version (which must still be on disk)."""
         self._require(self._read(), version)
-        return self.versions_dir / version
+        folder = self.versions_dir / version
+        if not folder.is_dir():
+            raise InvalidModelFolderError(
+                f"model version {version!r} is registered but its folder {folder} is gone"
+            )
+        return folder
 
     def __contains__(self, version: object) -> bool:
         return isinstance(version, str) and version in self._read()["versions"]
@@ -231,7 +187,6 @@ class ModelRegistry:
                     "source": str(folder.resolve()),
                     "metadata": meta,
                 }
-                _event(doc, "register", version, source=str(folder.resolve()))
         except BaseException:
             if move and (staging / "model").exists() and not folder.exists():
                 shutil.move(str(staging / "model"), folder)  # give the caller its folder back
@@ -241,85 +196,17 @@ class ModelRegistry:
         return version
 
     def ensure_base(self, folder: Path) -> str:
-        """Register the base model once; it becomes current if nothing is current.
+        """Register the base model once (so it can be LOADed by name); returns its version.
 
         Cheap when already done: only the folder's ``SLUICE_VERSION`` is read.
         """
         version = model_version(Path(folder))
-        doc = self._read()
-        if version in doc["versions"] and doc["current"] is not None:
-            return version
-        if version not in doc["versions"]:
+        if version not in self:
             try:
                 self.register(folder, version, metadata={"role": "base"})
             except DuplicateVersionError:
                 pass  # another process registered it meanwhile
-        with self._locked() as doc:
-            if doc["current"] is None:
-                doc["current"] = version
-                _event(doc, "base", version)
         return version
-
-    # -- life cycle --------------------------------------------------------------------
-    def set_candidate(self, version: str) -> RegistryState:
-        """Put a registered version on trial (canary 0% until ``set_canary``)."""
-        with self._locked() as doc:
-            self._require(doc, version)
-            if version == doc["current"]:
-                raise ModelRegistryError(f"{version!r} is already the current version")
-            if doc["current"] is None:
-                raise ModelRegistryError(
-                    "no current version yet; register the base model first (ensure_base)"
-                )
-            doc["candidate"] = version
-            doc["canary_percent"] = 0
-            _event(doc, "candidate", version)
-        return self.state()
-
-    def set_canary(self, percent: int) -> RegistryState:
-        """Send ``percent`` % of traffic to the candidate (0 stops the canary)."""
-        if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
-            raise ModelRegistryError(f"canary percent must be an integer 0..100, not {percent!r}")
-        with self._locked() as doc:
-            if doc["candidate"] is None and percent:
-                raise NoCandidateError("no candidate version; set one before starting a canary")
-            doc["canary_percent"] = percent
-            _event(doc, "canary", doc["candidate"], percent=percent)
-        return self.state()
-
-    def promote(self) -> RegistryState:
-        """The candidate becomes current; the old current goes on the ``previous`` stack."""
-        with self._locked() as doc:
-            candidate = doc["candidate"]
-            if candidate is None:
-                raise NoCandidateError("no candidate version to promote")
-            old = doc["current"]
-            if old is not None:
-                doc["previous"].append(old)
-            doc["current"] = candidate
-            doc["candidate"] = None
-            doc["canary_percent"] = 0
-            _event(doc, "promote", candidate, replaced=old)
-        return self.state()
-
-    def rollback(self) -> RegistryState:
-        """Drop the candidate (and its canary); with none, restore the previous current."""
-        with self._locked() as doc:
-            if doc["candidate"] is not None:
-                dropped = doc["candidate"]
-                doc["candidate"] = None
-                doc["canary_percent"] = 0
-                _event(doc, "rollback", doc["current"], dropped_candidate=dropped)
-            elif doc["previous"]:
-                replaced = doc["current"]
-                doc["current"] = doc["previous"].pop()
-                _event(doc, "rollback", doc["current"], replaced=replaced)
-            else:
-                raise NothingToRollBackError(
-                    "nothing to roll back: no candidate and no previous version "
-                    f"(current is {doc['current']!r})"
-                )
-        return self.state()
 
     # -- internals ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -344,8 +231,10 @@ class ModelRegistry:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelRegistryError(f"{self.state_file} is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("versions", {}), dict):
+            raise ModelRegistryError(f"{self.state_file} is not a model registry index")
         merged = _empty_doc()
-        merged.update(doc)
+        merged.update({k: v for k, v in doc.items() if k not in LEGACY_KEYS})
         return merged
 
     def _write(self, doc: dict[str, Any]) -> None:
@@ -376,21 +265,12 @@ class ModelRegistry:
 
     def _info(self, doc: dict[str, Any], version: str) -> VersionInfo:
         entry = doc["versions"][version]
-        if version == doc["current"]:
-            role = "current"
-        elif version == doc["candidate"]:
-            role = "candidate"
-        elif version in doc["previous"]:
-            role = "previous"
-        else:
-            role = "registered"
         return VersionInfo(
             version=version,
             path=self.versions_dir / version,
             registered_at=entry.get("registered_at", ""),
             source=entry.get("source", ""),
             metadata=dict(entry.get("metadata", {})),
-            role=role,
         )
 
     def _check_folder(self, folder: Path, *, force: bool) -> None:
@@ -422,11 +302,6 @@ def _check_version_name(version: str) -> None:
             f"invalid model version {version!r}: use letters, digits, '.', '_', '+' and '-' "
             "(up to 200 characters, starting with a letter or digit)"
         )
-
-
-def _event(doc: dict[str, Any], event: str, version: str | None, **extra: Any) -> None:
-    doc["history"].append({"at": _now(), "event": event, "version": version, **extra})
-    del doc["history"][:-MAX_HISTORY]
 
 
 def _minimal_card(version: str, folder: Path, metadata: dict[str, Any]) -> str:

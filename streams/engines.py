@@ -1,8 +1,15 @@
-"""Builds the engine the settings ask for."""
+"""Builds the engine the settings ask for, and the engine of a registered model version.
+
+Each backend reads its model from its own setting: torch from ``model_path``, TensorRT-LLM
+from ``trt_model``, the benchmark engine from none (it only carries a version label).
+:func:`settings_for_version` is the one place that knows this, so a rollout LOAD gives
+every backend the version's folder where that backend looks for it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from inference.backends.base import Engine
@@ -31,12 +38,15 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
     if settings.backend == "benchmark":
         from inference.backends.benchmark import BenchmarkEngine
 
-        return BenchmarkEngine(
+        engine = BenchmarkEngine(
             model_name=settings.model_name,
             completion_tokens=settings.benchmark_completion_tokens,
             max_batch_size=settings.batch_max_size,
             delay_s=settings.benchmark_delay_ms / 1000.0,
         )
+        if settings.model_version:
+            engine.model_version = settings.model_version  # the label results carry
+        return engine
     if settings.backend == "tensorrt_llm":
         from inference.backends.tensorrt_llm import TensorRTLLMEngine
 
@@ -54,18 +64,35 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
     raise ValueError(f"unknown backend {settings.backend!r}")
 
 
+def settings_for_version(settings: Settings, version: str, folder: Path) -> Settings:
+    """``settings`` with the model source of ``settings.backend`` pointed at ``folder``
+    and the version label set to ``version``."""
+    if settings.backend == "torch":
+        update: dict[str, Any] = {"model_path": Path(folder)}
+    elif settings.backend == "tensorrt_llm":
+        update = {"trt_model": str(folder)}
+    elif settings.backend == "benchmark":
+        update = {}  # it reads no model; results carry the version label
+    else:
+        raise ValueError(f"unknown backend {settings.backend!r}")
+    return settings.model_copy(update={**update, "model_version": version})
+
+
 VersionLoader = Callable[[str], Awaitable[Engine]]
 
 
 def version_loader(settings: Settings) -> VersionLoader:
-    """Loads (and starts) a registry version when a rollout command asks for one."""
+    """Loads (and starts) a registered version when the rollout state needs it.
+
+    A version the registry does not have raises ``UnknownVersionError`` (a registered
+    version whose folder is gone, ``InvalidModelFolderError``): never the base model under
+    the new label."""
 
     async def load_version(version: str) -> Engine:
         from inference.registry import ModelRegistry
 
         folder = ModelRegistry(settings.registry_path).path(version)
-        versioned = settings.model_copy(update={"model_path": folder, "model_version": version})
-        candidate = build_engine(versioned)
+        candidate = build_engine(settings_for_version(settings, version, folder))
         await candidate.start()
         return candidate
 

@@ -1,10 +1,12 @@
-"""The on-disk model registry: life cycle, persistence, atomic writes, errors, concurrency."""
+"""The on-disk model registry: versions and metadata (no rollout state), persistence, atomic
+writes, errors, concurrency."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,7 @@ from inference.registry import (
     InvalidModelFolderError,
     ModelRegistry,
     ModelRegistryError,
-    NoCandidateError,
-    NothingToRollBackError,
     RegistryError,
-    RegistryState,
     RejectedModelError,
     UnknownVersionError,
 )
@@ -46,8 +45,6 @@ def test_errors_are_sluice_errors() -> None:
     for error in (
         UnknownVersionError,
         DuplicateVersionError,
-        NoCandidateError,
-        NothingToRollBackError,
         RejectedModelError,
         InvalidModelFolderError,
     ):
@@ -56,9 +53,8 @@ def test_errors_are_sluice_errors() -> None:
 
 
 def test_empty_registry(registry: ModelRegistry) -> None:
-    assert registry.state() == RegistryState()
-    assert registry.state().empty
     assert registry.versions() == []
+    assert "anything" not in registry
     assert not registry.state_file.exists()  # reading never writes
 
 
@@ -75,11 +71,8 @@ def test_register_copies_folder_and_reads_version(tmp_path: Path, registry: Mode
     assert source.is_dir()  # copied, not moved
     [info] = registry.versions()
     assert info.version == "base-v1" and info.metadata == {"note": "hello"}
-    assert info.role == "registered" and info.source == str(source.resolve())
+    assert info.source == str(source.resolve())
     assert "base-v1" in registry
-    # Registering does not make anything current.
-    assert registry.state().current is None
-    assert registry.state().history[-1]["event"] == "register"
 
 
 def test_register_with_given_version_and_move(tmp_path: Path, registry: ModelRegistry) -> None:
@@ -140,94 +133,70 @@ def test_rejected_retrain_output_needs_force(tmp_path: Path, registry: ModelRegi
 def test_ensure_base_once(tmp_path: Path, registry: ModelRegistry) -> None:
     base = fake_model(tmp_path, "base", version="base-v1")
     assert registry.ensure_base(base) == "base-v1"
-    state = registry.state()
-    assert state.current == "base-v1" and state.previous == ()
+    assert registry.info("base-v1").metadata == {"role": "base"}
     stamp = registry.state_file.stat().st_mtime_ns
     copied = registry.path("base-v1") / "model.safetensors"
     inode = copied.stat().st_ino
-    # Second call: no new copy, same state.
+    # Second call: no new copy, the index not even rewritten.
     assert registry.ensure_base(base) == "base-v1"
     assert copied.stat().st_ino == inode
     assert len(registry.versions()) == 1
-    assert registry.state().current == "base-v1"
-    assert registry.state_file.stat().st_mtime_ns == stamp  # not even rewritten
+    assert registry.state_file.stat().st_mtime_ns == stamp
     assert not copied.is_symlink()
 
 
-def test_ensure_base_does_not_replace_a_promoted_current(
+def test_registry_has_no_rollout_state(tmp_path: Path, registry: ModelRegistry) -> None:
+    """Which version serves is the control topic's fold (streams/rollout.py), not ours."""
+    for name in ("state", "set_candidate", "set_canary", "promote", "rollback"):
+        assert not hasattr(registry, name), name
+    registry.ensure_base(fake_model(tmp_path, "base", version="v0"))
+    registry.register(fake_model(tmp_path, "one", version="v1"), metadata={"k": 1})
+    on_disk = json.loads(registry.state_file.read_text())
+    assert set(on_disk) == {"versions"}
+    assert set(on_disk["versions"]) == {"v0", "v1"}
+    assert not hasattr(registry.info("v1"), "role")
+
+
+LEGACY_FILE = {
+    "current": "v1",
+    "candidate": "v2",
+    "canary_percent": 20,
+    "previous": ["v0"],
+    "versions": {
+        "v1": {"registered_at": "2026-11-01T00:00:00.000+00:00", "source": "/x", "metadata": {}},
+        "v2": {"registered_at": "2026-11-02T00:00:00.000+00:00", "source": "/y", "metadata": {}},
+    },
+    "history": [{"at": "2026-11-01T00:00:00.000+00:00", "event": "register", "version": "v1"}],
+}
+
+
+def test_old_registry_files_are_read_and_their_rollout_fields_dropped(
     tmp_path: Path, registry: ModelRegistry
 ) -> None:
-    registry.ensure_base(fake_model(tmp_path, "base", version="base-v1"))
-    registry.register(fake_model(tmp_path, "ft", version="ft-1"))
-    registry.set_candidate("ft-1")
-    registry.promote()
-    assert registry.ensure_base(tmp_path / "base") == "base-v1"
-    assert registry.state().current == "ft-1"
+    registry.root.mkdir(parents=True)
+    registry.state_file.write_text(json.dumps(LEGACY_FILE))
+    for version in ("v1", "v2"):
+        fake_model(registry.versions_dir, version, version=version)
+    assert [v.version for v in registry.versions()] == ["v1", "v2"]
+    assert registry.info("v2").registered_at.startswith("2026-11-02")
+    assert registry.path("v1") == registry.versions_dir / "v1"
+    assert registry.state_file.read_text() == json.dumps(LEGACY_FILE)  # reading never writes
+    registry.register(fake_model(tmp_path, "three", version="v3"))
+    on_disk = json.loads(registry.state_file.read_text())
+    assert set(on_disk) == {"versions"}  # the old rollout fields are gone
+    assert list(on_disk["versions"]) == ["v1", "v2", "v3"]
+    assert on_disk["versions"]["v1"] == LEGACY_FILE["versions"]["v1"]
 
 
-def test_full_life_cycle(tmp_path: Path, registry: ModelRegistry) -> None:
-    registry.ensure_base(fake_model(tmp_path, "base", version="v0"))
-    registry.register(fake_model(tmp_path, "one", version="v1"))
-    registry.register(fake_model(tmp_path, "two", version="v2"))
-
-    state = registry.set_candidate("v1")
-    assert (state.current, state.candidate, state.canary_percent) == ("v0", "v1", 0)
-    state = registry.set_canary(10)
-    assert state.canary_percent == 10
-    roles = {i.version: i.role for i in registry.versions()}
-    assert roles == {"v0": "current", "v1": "candidate", "v2": "registered"}
-
-    state = registry.promote()
-    assert (state.current, state.candidate, state.canary_percent) == ("v1", None, 0)
-    assert state.previous == ("v0",)
-
-    registry.set_candidate("v2")
-    registry.set_canary(50)
-    state = registry.rollback()  # drops the canary, keeps current
-    assert (state.current, state.candidate, state.canary_percent) == ("v1", None, 0)
-    assert state.previous == ("v0",)
-
-    registry.set_candidate("v2")
-    registry.promote()
-    assert registry.state().previous == ("v0", "v1")
-    assert registry.rollback().current == "v1"  # restores the previous current
-    assert registry.rollback().current == "v0"
-    state = registry.state()
-    assert state.previous == () and state.current == "v0"
-    with pytest.raises(NothingToRollBackError, match="nothing to roll back"):
-        registry.rollback()
-
-    events = [h["event"] for h in state.history]
-    assert events[:5] == ["register", "base", "register", "register", "candidate"]
-    assert events[-2:] == ["rollback", "rollback"]
-    assert all("at" in h for h in state.history)
-
-
-def test_life_cycle_errors(tmp_path: Path, registry: ModelRegistry) -> None:
-    with pytest.raises(UnknownVersionError, match="unknown model version 'nope'"):
+def test_lookups_fail_clearly(tmp_path: Path, registry: ModelRegistry) -> None:
+    with pytest.raises(UnknownVersionError, match="unknown model version 'nope'.*registered: none"):
         registry.path("nope")
-    with pytest.raises(NoCandidateError, match="no candidate version to promote"):
-        registry.promote()
-    with pytest.raises(NothingToRollBackError):
-        registry.rollback()
     registry.register(fake_model(tmp_path, "x", version="vx"))
-    with pytest.raises(ModelRegistryError, match="no current version"):
-        registry.set_candidate("vx")
-    registry.ensure_base(fake_model(tmp_path, "base", version="v0"))
-    with pytest.raises(UnknownVersionError):
-        registry.set_candidate("nope")
-    with pytest.raises(ModelRegistryError, match="already the current"):
-        registry.set_candidate("v0")
-    with pytest.raises(NoCandidateError):
-        registry.set_canary(5)
-    assert registry.set_canary(0).canary_percent == 0  # stopping a canary is always fine
-    registry.set_candidate("vx")
-    for bad in (-1, 101, 2.5, True):
-        with pytest.raises(ModelRegistryError, match="0..100"):
-            registry.set_canary(bad)  # type: ignore[arg-type]
-    # Failed operations left the state as it was.
-    state = registry.state()
-    assert (state.current, state.candidate, state.canary_percent) == ("v0", "vx", 0)
+    with pytest.raises(UnknownVersionError, match="registered: vx"):
+        registry.info("nope")
+    shutil.rmtree(registry.versions_dir / "vx")
+    with pytest.raises(InvalidModelFolderError, match="'vx' is registered but its folder"):
+        registry.path("vx")
 
 
 def test_state_persists_across_instances(tmp_path: Path) -> None:
@@ -235,25 +204,17 @@ def test_state_persists_across_instances(tmp_path: Path) -> None:
     first = ModelRegistry(root)
     first.ensure_base(fake_model(tmp_path, "base", version="v0"))
     first.register(fake_model(tmp_path, "one", version="v1"), metadata={"k": 1})
-    first.set_candidate("v1")
-    first.set_canary(25)
 
     second = ModelRegistry(root)
-    assert second.state() == first.state()
-    assert second.state().canary_percent == 25
+    assert second.versions() == first.versions()
     assert [v.version for v in second.versions()] == ["v0", "v1"]
     assert second.info("v1").metadata == {"k": 1}
-    on_disk = json.loads((root / "registry.json").read_text())
-    assert on_disk["current"] == "v0" and on_disk["candidate"] == "v1"
-    assert on_disk["canary_percent"] == 25 and on_disk["previous"] == []
-    assert isinstance(on_disk["history"], list)
 
 
 def test_writes_are_atomic(
     tmp_path: Path, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry.ensure_base(fake_model(tmp_path, "base", version="v0"))
-    registry.register(fake_model(tmp_path, "one", version="v1"))
     before = registry.state_file.read_text()
 
     def crash(src: object, dst: object) -> None:
@@ -261,25 +222,27 @@ def test_writes_are_atomic(
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
-        registry.set_candidate("v1")
+        registry.register(fake_model(tmp_path, "one", version="v1"))
     monkeypatch.undo()
     assert registry.state_file.read_text() == before  # old file untouched
     assert [p.name for p in registry.root.iterdir() if p.name.startswith(".registry-")] == []
-    assert registry.state().candidate is None
+    assert "v1" not in registry
 
 
 def test_corrupt_state_file_is_a_clear_error(tmp_path: Path, registry: ModelRegistry) -> None:
     registry.root.mkdir(parents=True)
     registry.state_file.write_text("{not json")
     with pytest.raises(ModelRegistryError, match="not valid JSON"):
-        registry.state()
+        registry.versions()
+    registry.state_file.write_text("[1, 2]")
+    with pytest.raises(ModelRegistryError, match="not a model registry index"):
+        registry.versions()
 
 
 def _register_many(root: str, models: str, tag: str, count: int) -> None:
     reg = ModelRegistry(Path(root))
     for i in range(count):
         reg.register(Path(models) / f"{tag}{i}")
-        reg.set_canary(0)
 
 
 def test_concurrent_register_from_two_processes(tmp_path: Path) -> None:
@@ -303,8 +266,7 @@ def test_concurrent_register_from_two_processes(tmp_path: Path) -> None:
     expected = {f"{tag}-v{i}" for tag in ("a", "b") for i in range(count)}
     assert set(doc["versions"]) == expected
     assert {p.name for p in (root / "versions").iterdir()} == expected
-    events = [h["event"] for h in doc["history"]]
-    assert events.count("register") == 2 * count and events.count("canary") == 2 * count
+    assert set(doc) == {"versions"}
 
 
 def _register_same(root: str, folder: str, results: object) -> None:
