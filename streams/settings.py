@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     benchmark_delay_ms: float = Field(
         0.0, ge=0, description="benchmark backend: simulated latency of every batch."
     )
+    benchmark_dead_after: int | None = Field(
+        None,
+        ge=0,
+        description="benchmark backend (fault drill): the engine dies after this many requests.",
+    )
+    benchmark_overloaded_s: float = Field(
+        0.0,
+        ge=0,
+        description="benchmark backend (fault drill): overloaded for this long after start.",
+    )
 
     # --- admission and batching -----------------------------------------------------------
     max_prompt_chars: int = Field(16_000, ge=1)
@@ -109,6 +119,12 @@ class Settings(BaseSettings):
     max_inflight: int = Field(256, ge=1, description="Accepted but unanswered requests.")
     dedup_capacity: int = Field(200_000, ge=0, description="Answered request_ids remembered.")
     commit_interval_ms: float = Field(200.0, gt=0)
+    dlq_max_original_bytes: int = Field(
+        262_144,
+        ge=0,
+        description="A dead letter keeps at most this much of the original value (size and "
+        "SHA-256 of the whole are kept): a dead letter must fit where the original barely did.",
+    )
 
     # --- feedback join -----------------------------------------------------------------------
     feedback_join: bool = Field(
@@ -132,10 +148,40 @@ class Settings(BaseSettings):
         description="How far past wall time a record's timestamp may move the join's clock.",
     )
 
+    # --- metrics windows (llm.metrics, docs/metrics.md) --------------------------------------
+    metrics_window_s: int = Field(10, ge=1, description="Tumbling window length (event time).")
+    metrics_rollup_s: int = Field(60, ge=0, description="Rollup window length; 0: none.")
+    metrics_lateness_s: float = Field(
+        5.0, ge=0, description="Allowed lateness: watermark = latest event time - this."
+    )
+    metrics_max_tenants: int = Field(
+        100, ge=0, description="Tenants with windows of their own; the rest fold into one."
+    )
+    metrics_feedback_lookup: int = Field(
+        10_000, ge=0, description="Recent results remembered to attribute feedback to a model."
+    )
+    metrics_snapshot_interval_ms: float = Field(
+        1_000.0, gt=0, description="How often the metrics job persists its state and commits."
+    )
+
     # --- worker ---------------------------------------------------------------------------
     worker_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name on results and metrics.",
+    )
+    worker_role: Literal["all", "inference", "join"] = Field(
+        "all",
+        description="inference: answer requests; join: the feedback join only (its own "
+        "consumer group, <app_id>-join); all: both in one group (the demo).",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long accepted requests may take to finish."
+    )
+    shutdown_grace_s: float = Field(
+        50.0,
+        gt=0,
+        description="On SIGTERM the process is gone within this many seconds, whatever the "
+        "broker does (Kubernetes' default terminationGracePeriodSeconds is 60).",
     )
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, description="Prometheus /metrics; 0 picks a free port.")
