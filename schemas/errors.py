@@ -49,8 +49,23 @@ class WrongSchemaError(SchemaError):
     reason_code = "wrong_schema"
 
 
-class RegistryError(SchemaError):
-    """The schema registry could not be reached or refused a request."""
+class RegistryError(SluiceError):
+    """The schema registry failed us; the record is not at fault, so this is never a dead
+    letter.
+
+    Not a :class:`SchemaError` on purpose: code that dead-letters ``SchemaError`` must not
+    dead-letter valid traffic because the registry is down or misconfigured. A plain
+    ``RegistryError`` (``retriable = False``) is a configuration problem that retrying will
+    not heal (bad settings, missing extra, 401/403, a schema the registry refuses); the worker
+    should stop and say so. Its subclass :class:`RegistryUnavailableError` is an outage.
+    """
+
+    reason_code = "registry_error"
+
+
+class RegistryUnavailableError(RegistryError):
+    """The schema registry cannot be reached or answers 5xx/408/429: retry with backoff and
+    keep the record's offset unfinished."""
 
     reason_code = "registry_unavailable"
     retriable = True

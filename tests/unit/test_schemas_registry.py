@@ -32,6 +32,7 @@ from schemas import (
     WrongSchemaError,
     codec_from_registry_url,
 )
+from schemas.errors import RegistryUnavailableError
 from schemas.resolver import SchemaResolver
 
 
@@ -197,7 +198,11 @@ def test_client_failures_become_registry_errors(
         with pytest.raises(RegistryError, match="schema registry failed") as caught:
             call()
         assert caught.value.retriable is retriable
-        assert caught.value.reason_code == "registry_unavailable"
+        assert isinstance(caught.value, RegistryUnavailableError) is retriable
+        assert caught.value.reason_code == (
+            "registry_unavailable" if retriable else "registry_error"
+        )
+        assert not isinstance(caught.value, SchemaError)  # never a dead letter
         assert caught.value.__cause__ is failure
     client.fail = None
     assert resolver.id_for("InferenceRequest") == 100  # a failure is not cached
@@ -357,3 +362,228 @@ def test_missing_schemaregistry_extra_is_a_clear_permanent_error(
     with pytest.raises(RegistryError, match=r"confluent-kafka\[schemaregistry\]") as caught:
         codec_from_registry_url("http://registry:8081")
     assert caught.value.retriable is False
+
+
+# -- outages, negative caching and the event loop, against a registry we can stop ---------------
+
+
+class Registry:
+    """A stub Schema Registry on 127.0.0.1 that can be stopped and started on the same port
+    (an outage), keeps its schemas across restarts and counts the requests it served."""
+
+    def __init__(self, get_delay_s: float = 0.0) -> None:
+        self.schemas: dict[int, str] = {}
+        self.subjects: dict[tuple[str, str], int] = {}
+        self.gets: list[int] = []
+        self.get_delay_s = get_delay_s
+        self.port = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        import time
+
+        outer = self
+
+        class Handler(StubRegistry):
+            schemas = outer.schemas
+            subjects = outer.subjects
+
+            def do_GET(self) -> None:
+                match = re.fullmatch(r"/schemas/ids/(\d+)", self.path.split("?")[0])
+                if match is None:  # not an endpoint of a registry: a proxy's plain 404
+                    data = b"<html>not found</html>"
+                    self.send_response(404)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                outer.gets.append(int(match[1]))
+                time.sleep(outer.get_delay_s)
+                super().do_GET()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def registry() -> Iterator[Registry]:
+    pytest.importorskip("confluent_kafka.schema_registry")
+    reg = Registry()
+    reg.start()
+    try:
+        yield reg
+    finally:
+        if reg._server is not None:
+            reg.stop()
+
+
+FAST = {"max.retries": 0, "timeout": 2}
+
+
+def resolver_for(registry: Registry, **kwargs: Any) -> SchemaRegistryResolver:
+    return SchemaRegistryResolver(registry.url, client_conf=FAST, **kwargs)
+
+
+def a_request(codec: AvroCodec, rid: str = "r") -> bytes:
+    return codec.encode(
+        "InferenceRequest", {"request_id": rid, "prompt": "hi", "created_at": 1_700_000_000_000}
+    )
+
+
+def test_outage_is_retriable_and_heals_without_losing_the_record(registry: Registry) -> None:
+    encoded = a_request(AvroCodec(resolver_for(registry)))
+    consumer = AvroCodec(resolver_for(registry))  # fresh caches: must ask the registry
+    registry.stop()  # the outage
+    for _ in range(2):  # failures are not cached: each try asks again
+        with pytest.raises(RegistryUnavailableError) as caught:
+            consumer.decode(encoded, expected="InferenceRequest")
+        error = caught.value
+        assert error.retriable is True
+        assert error.reason_code == "registry_unavailable"
+        assert not isinstance(error, SchemaError)  # code that dead-letters SchemaError skips it
+    registry.start()  # same port, same schemas
+    assert consumer.decode_as(encoded, "InferenceRequest")["request_id"] == "r"
+
+
+def test_outage_while_registering_is_retriable(registry: Registry) -> None:
+    resolver = resolver_for(registry)
+    registry.stop()
+    with pytest.raises(RegistryUnavailableError):
+        resolver.id_for("InferenceResult")
+    registry.start()
+    assert resolver.id_for("InferenceResult") == 1
+
+
+def test_unknown_id_is_permanent_and_cached_with_a_ttl(registry: Registry) -> None:
+    encoded = a_request(AvroCodec(resolver_for(registry)))
+    bogus = b"\x00\x00\x00\x00\x63" + encoded[5:]  # id 99: not in the registry
+    now = [1_000.0]
+    consumer = AvroCodec(resolver_for(registry, negative_ttl_s=30.0, clock=lambda: now[0]))
+    for _ in range(5):
+        with pytest.raises(UnknownSchemaError) as caught:
+            consumer.decode(bogus)
+        assert caught.value.retriable is False
+        assert caught.value.reason_code == "unknown_schema"
+    assert registry.gets == [99]  # asked once: the negative answer is cached
+    now[0] += 29.0
+    with pytest.raises(UnknownSchemaError):
+        consumer.decode(bogus)
+    assert registry.gets == [99]
+    # After the TTL the registry is asked again; the id exists by now.
+    registry.schemas[99] = registry.schemas[1]
+    now[0] += 2.0
+    assert consumer.decode_as(bogus, "InferenceRequest")["request_id"] == "r"
+    assert registry.gets == [99, 99]
+
+
+def test_negative_cache_is_bounded(registry: Registry) -> None:
+    resolver = resolver_for(registry, max_negative=3)
+    for schema_id in range(50, 56):
+        with pytest.raises(UnknownSchemaError):
+            resolver.schema_for_id(schema_id)
+    assert len(resolver._unknown) == 3
+    with pytest.raises(UnknownSchemaError):
+        resolver.schema_for_id(50)  # evicted: asked again
+    assert registry.gets.count(50) == 2
+
+
+def test_a_404_that_is_not_the_registrys_is_not_a_dead_letter(registry: Registry) -> None:
+    wrong = SchemaRegistryResolver(registry.url + "/wrong-prefix", client_conf=FAST)
+    with pytest.raises(RegistryError, match="is the URL right") as caught:
+        wrong.schema_for_id(1)
+    assert not isinstance(caught.value, SchemaError)
+    assert caught.value.retriable is False
+    assert caught.value.reason_code == "registry_error"
+
+
+def test_ids_are_cached_both_ways(registry: Registry) -> None:
+    producer = resolver_for(registry)
+    schema_id = producer.id_for("FeedbackEvent")
+    assert producer.cached_schema(schema_id) is not None  # name -> id gave id -> schema
+    assert producer.schema_for_id(schema_id)[0] == "dev.sluice.FeedbackEvent"
+    assert registry.gets == []
+    # A reader that first sees the id learns the name -> id direction from it.
+    reader = resolver_for(registry, auto_register=False)
+    reader.schema_for_id(schema_id)
+    assert reader.cached_id("FeedbackEvent") == schema_id
+    registry.stop()  # no registry needed any more for this record, either way
+    assert reader.id_for("FeedbackEvent") == schema_id
+    assert reader.schema_for_id(schema_id)[0] == "dev.sluice.FeedbackEvent"
+
+
+async def test_adecode_never_blocks_the_event_loop(registry: Registry) -> None:
+    import asyncio
+    import time
+
+    from schemas.registry import adecode
+
+    encoded = a_request(AvroCodec(resolver_for(registry)))
+    registry.get_delay_s = 0.5  # a slow registry
+    consumer = AvroCodec(resolver_for(registry))
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    try:
+        results = await asyncio.gather(*(adecode(consumer, encoded) for _ in range(20)))
+    finally:
+        tick.cancel()
+    assert all(name == "InferenceRequest" for name, _ in results)
+    assert registry.gets == [1]  # twenty records waiting for one id: one fetch
+    assert len(gaps) >= 20 and max(gaps) < 0.25  # the loop kept running during the 0.5 s
+
+
+async def test_adecode_outage_and_unknown_id(registry: Registry) -> None:
+    from schemas.registry import adecode, awarm_up
+
+    producer = AvroCodec(resolver_for(registry))
+    await awarm_up(producer, ("InferenceRequest", "DeadLetter"))
+    registry.stop()
+    encoded = a_request(producer)  # no registry call: warmed up
+    assert (await adecode(producer, encoded))[0] == "InferenceRequest"
+    consumer = AvroCodec(resolver_for(registry))
+    with pytest.raises(RegistryUnavailableError):
+        await adecode(consumer, encoded)
+    registry.start()
+    with pytest.raises(UnknownSchemaError):
+        await adecode(consumer, b"\x00\x00\x00\x00\x63" + encoded[5:])
+    with pytest.raises(SchemaError, match="not Confluent-framed"):
+        await adecode(consumer, b"junk")  # not framed: the codec says why, no registry call
+    assert (await adecode(consumer, encoded))[1]["request_id"] == "r"
+
+
+async def test_a_blocking_call_on_the_loop_is_logged(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoded = a_request(AvroCodec(resolver_for(registry)))
+    consumer = AvroCodec(resolver_for(registry))
+    with caplog.at_level("WARNING", logger="schemas.registry"):
+        consumer.decode(encoded)
+    assert "blocking HTTP call for schema id 1 on the event loop" in caplog.text
+
+
+async def test_adecode_over_the_catalog_is_plain_decode() -> None:
+    from schemas.registry import adecode
+
+    codec = AvroCodec.default()
+    encoded = a_request(codec)
+    assert (await adecode(codec, encoded)) == codec.decode(encoded)
