@@ -99,20 +99,33 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
+import logging
+import math
+import os
 import re
 import threading
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Final, NamedTuple
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+_logger = logging.getLogger(__name__)
 
 EMAIL: Final = "email"
 PHONE: Final = "phone"
 CARD: Final = "card"
 IP: Final = "ip"
 NAME: Final = "name"
-KINDS: Final = (EMAIL, CARD, IP, PHONE, NAME)  # also the priority when spans overlap
+SECRET: Final = "api_key"
+IBAN: Final = "iban"
+NATIONAL_ID: Final = "national_id"
+DOB: Final = "dob"
+ADDRESS: Final = "address"
+# Also the priority when spans overlap: an earlier kind wins a contested span.
+KINDS: Final = (SECRET, EMAIL, IBAN, CARD, NATIONAL_ID, IP, DOB, PHONE, ADDRESS, NAME)
 
 
 def placeholder(kind: str) -> str:
@@ -152,7 +165,10 @@ _EMAIL = re.compile(
 # -- payment cards ----------------------------------------------------------------------------
 
 # A run of digit groups separated by one space or dash; windows over its groups are checked.
-_DIGIT_RUN = re.compile(r"(?<![\w.,])\d+(?:[ \-]\d+)*(?![\w]|[.,]\d)")
+_DIGIT_RUN = re.compile(r"(?<![\w.,])\d+(?:(?:[ \-.]| {2})\d+)*(?![\w]|[.,]\d)")
+# Groupings of card numbers written with dots or double spaces (4-4-4-4, 4-6-5, 4-6-4, ...):
+# only these count there, so dotted version strings and amounts are left alone.
+_CARD_GROUPINGS = frozenset({(4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (4, 4, 4, 1)})
 _GROUP = re.compile(r"\d+")
 
 
@@ -173,6 +189,14 @@ def _is_card(digits: str) -> bool:
     return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_ok(digits)
 
 
+def _grouping_ok(text: str, groups: list[tuple[int, int]]) -> bool:
+    """Single spaces and dashes take any grouping; dots and double spaces a card's own."""
+    seps = {text[a[1] : b[0]] for a, b in itertools.pairwise(groups)}
+    if seps <= {" ", "-"}:
+        return True
+    return len(seps) == 1 and tuple(b - a for a, b in groups) in _CARD_GROUPINGS
+
+
 def _find_cards(text: str) -> list[tuple[int, int]]:
     spans: list[tuple[int, int]] = []
     for run in _DIGIT_RUN.finditer(text):
@@ -189,7 +213,7 @@ def _find_cards(text: str) -> list[tuple[int, int]]:
                 digits += text[groups[j][0] : groups[j][1]]
                 if len(digits) > 19:
                     break
-                if _is_card(digits):
+                if _is_card(digits) and _grouping_ok(text, groups[i : j + 1]):
                     best = j
             if best is None:
                 i += 1
@@ -304,6 +328,260 @@ def _find_phones(
                 continue
             spans.append((m_start, m_end))
     return spans
+
+
+# -- secrets: API keys and tokens -------------------------------------------------------------
+
+# Fixed formats of the big issuers (their documented prefixes), then bearer tokens and keys
+# after a secret word, then any long high-entropy token.
+_SECRET_FORMATS = re.compile(
+    r"(?<![A-Za-z0-9])(?:"
+    r"(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}"  # AWS access key id
+    r"|gh[pousr]_[A-Za-z0-9]{36,255}"  # GitHub tokens
+    r"|github_pat_[A-Za-z0-9_]{22,255}"  # GitHub fine-grained tokens
+    r"|xox[abposr]-[A-Za-z0-9\-]{10,250}"  # Slack tokens
+    r"|hooks\.slack\.com/services/[A-Za-z0-9/_\-]{20,}"  # Slack webhook URL path
+    r"|eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"  # JWT
+    r"|(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
+    r"|sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"  # OpenAI / Anthropic style
+    r"|AIza[0-9A-Za-z_\-]{35}"  # Google API key
+    r"|glpat-[A-Za-z0-9_\-]{20}"  # GitLab
+    r"|npm_[A-Za-z0-9]{36}"  # npm
+    r")(?![A-Za-z0-9])"
+)
+# The value after a secret word: "Authorization: Bearer <t>", "api_key=<t>", "password: <t>".
+_SECRET_CUE = re.compile(
+    r"(?:\bbearer|\b(?:api[_\-\s]?key|apikey|access[_\-\s]?key|secret(?:[_\-\s]?key)?|"
+    r"client[_\-\s]?secret|auth[_\-\s]?token|access[_\-\s]?token|token|password|passwd|pwd|"
+    r"aws_secret_access_key)\b[\"']?\s*[:=]?)\s*[\"']?"
+    r"([A-Za-z0-9+/_\-.~]{12,}={0,2})",
+    re.IGNORECASE,
+)
+_LONG_TOKEN = re.compile(r"(?<![\w+/\-.])[A-Za-z0-9+/_\-]{24,}={0,2}(?![\w+/\-])")
+
+
+def _entropy(token: str) -> float:
+    """Shannon entropy in bits per character."""
+    counts: dict[str, int] = {}
+    for ch in token:
+        counts[ch] = counts.get(ch, 0) + 1
+    n = len(token)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def _looks_random(token: str) -> bool:
+    """Upper, lower and digits mixed, with the entropy of random base62/base64 (a hex
+    digest, a UUID, a camelCase identifier or a word run does not pass)."""
+    body = token.rstrip("=")
+    if len(body) < 24 or not (
+        any(c.isupper() for c in body)
+        and any(c.islower() for c in body)
+        and sum(c.isdigit() for c in body) >= 2
+    ):
+        return False
+    return _entropy(body) >= 4.3
+
+
+def _find_secrets(text: str) -> list[tuple[int, int]]:
+    spans = [m.span() for m in _SECRET_FORMATS.finditer(text)]
+    for m in _SECRET_CUE.finditer(text):
+        value = m.group(1)
+        if any(ch.isdigit() for ch in value) or len(value) >= 20:
+            spans.append(m.span(1))
+    for m in _LONG_TOKEN.finditer(text):
+        if _looks_random(m.group()):
+            spans.append(m.span())
+    return spans
+
+
+# -- IBANs ------------------------------------------------------------------------------------
+
+# Lengths by country (SWIFT IBAN registry), for the countries we see most; any other country
+# code takes 15-34 characters and must pass the same mod-97 check.
+_IBAN_LENGTHS: Final = {
+    "AD": 24, "AT": 20, "BE": 16, "BG": 22, "CH": 21, "CY": 28, "CZ": 24, "DE": 22, "DK": 18,
+    "EE": 20, "ES": 24, "FI": 18, "FR": 27, "GB": 22, "GR": 27, "HR": 21, "HU": 28, "IE": 22,
+    "IS": 26, "IT": 27, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "MC": 27, "MT": 31, "NL": 18,
+    "NO": 15, "PL": 28, "PT": 25, "RO": 24, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "TR": 26,
+    "AE": 23, "SA": 24, "IL": 23, "BR": 29, "UA": 29,
+}  # fmt: skip
+_IBAN_CANDIDATE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}")
+
+
+def iban_ok(iban: str) -> bool:
+    """The ISO 13616 mod-97 check (``iban`` without spaces, upper case)."""
+    moved = iban[4:] + iban[:4]
+    digits = "".join(str(int(ch, 36)) for ch in moved)
+    return int(digits) % 97 == 1
+
+
+def _find_ibans(text: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for m in _IBAN_CANDIDATE.finditer(text):
+        positions = [m.start() + i for i, ch in enumerate(m.group()) if ch != " "]
+        chars = "".join(text[i] for i in positions)
+        known = _IBAN_LENGTHS.get(chars[:2])
+        lengths = [known] if known else range(min(34, len(chars)), 14, -1)
+        for length in lengths:
+            if length <= len(chars) and iban_ok(chars[:length]):
+                end = positions[length - 1] + 1
+                if end < len(text) and text[end].isalnum():
+                    continue  # glued to more letters or digits: not this length
+                spans.append((m.start(), end))
+                break
+    return spans
+
+
+# -- national identity numbers ----------------------------------------------------------------
+
+# Formats specific enough to stand alone (with their check digits where they have one), and
+# generic 8-12 digit numbers only right after an id word.
+_US_SSN = re.compile(r"(?<![\w\-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\w\-])")
+_UK_NINO = re.compile(
+    r"(?<![A-Za-z0-9])(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]"
+    r"(?: ?\d{2}){3} ?[A-D](?![A-Za-z0-9])"
+)
+_FR_NIR = re.compile(
+    r"(?<![\w])[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?"
+    r"(\d{2})(?![\w])"
+)
+_IN_AADHAAR = re.compile(r"(?<![\w\-])[2-9]\d{3}[ \-]?\d{4}[ \-]?\d{4}(?![\w\-])")
+_IN_PAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{3}[PCHFATBLJG][A-Z]\d{4}[A-Z](?![A-Za-z0-9])")
+_ID_WORD = re.compile(
+    r"\b(?:ssn|social\s+security(?:\s+(?:number|no\.?))?|national\s+insurance(?:\s+number)?|"
+    r"nino|ni\s+number|bsn|burgerservicenummer|sofinummer|aadhaar|aadhar|uid|"
+    r"steuer-?id|steueridentifikationsnummer|idnr|tax\s+id|tin|itin|personalausweis(?:nummer)?|"
+    r"num[ée]ro\s+de\s+s[ée]curit[ée]\s+sociale|nir|insee|passport(?:\s+(?:number|no\.?))?|"
+    r"id\s+card(?:\s+number)?|national\s+id)\b[\s:#.]*(?:is|=|number|no\.?|nr\.?)?[\s:#]*$",
+    re.IGNORECASE,
+)
+_CUED_ID = re.compile(r"(?<![\w\-])(?:\d[ \-]?){7,11}\d(?![\w\-])|(?<![\w])[A-Z0-9]{8,10}(?!\w)")
+
+_VERHOEFF_D = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 4, 0, 6, 7, 8, 9, 5), (2, 3, 4, 0, 1, 7, 8, 9, 5, 6),
+    (3, 4, 0, 1, 2, 8, 9, 5, 6, 7), (4, 0, 1, 2, 3, 9, 5, 6, 7, 8), (5, 9, 8, 7, 6, 0, 4, 3, 2, 1),
+    (6, 5, 9, 8, 7, 1, 0, 4, 3, 2), (7, 6, 5, 9, 8, 2, 1, 0, 4, 3), (8, 7, 6, 5, 9, 3, 2, 1, 0, 4),
+    (9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+)  # fmt: skip
+_VERHOEFF_P = (
+    (0, 1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 5, 7, 6, 2, 8, 3, 0, 9, 4), (5, 8, 0, 3, 7, 9, 6, 1, 4, 2),
+    (8, 9, 1, 6, 0, 4, 3, 5, 2, 7), (9, 4, 5, 3, 1, 2, 6, 8, 7, 0), (4, 2, 8, 6, 5, 7, 3, 9, 0, 1),
+    (2, 7, 9, 3, 8, 0, 6, 4, 1, 5), (7, 0, 4, 6, 9, 1, 3, 2, 5, 8),
+)  # fmt: skip
+
+
+def verhoeff_ok(digits: str) -> bool:
+    """The Verhoeff check used by India's Aadhaar numbers."""
+    check = 0
+    for i, ch in enumerate(reversed(digits)):
+        check = _VERHOEFF_D[check][_VERHOEFF_P[i % 8][ord(ch) - 48]]
+    return check == 0
+
+
+def bsn_ok(digits: str) -> bool:
+    """The Dutch "elfproef" of a 9-digit burgerservicenummer."""
+    if len(digits) != 9:
+        return False
+    total = sum(int(d) * w for d, w in zip(digits[:8], range(9, 1, -1), strict=True))
+    return (total - int(digits[8])) % 11 == 0
+
+
+def nir_ok(nir: str) -> bool:
+    """The French NIR key: 97 - (the first 13 digits mod 97), Corsica's 2A/2B as 19/18."""
+    body = nir[:13].replace("2A", "19").replace("2B", "18")
+    return body.isdigit() and 97 - int(body) % 97 == int(nir[13:15])
+
+
+def _find_national_ids(text: str) -> list[tuple[int, int]]:
+    spans = [
+        m.span()
+        for m in _US_SSN.finditer(text)
+        if not _ID_CUE.search(text, max(0, m.start() - 40), m.start())
+    ]
+    spans += [m.span() for m in _UK_NINO.finditer(text)]
+    spans += [m.span() for m in _IN_PAN.finditer(text)]
+    for m in _FR_NIR.finditer(text):
+        if nir_ok(m.group().replace(" ", "")):
+            spans.append(m.span())
+    for m in _IN_AADHAAR.finditer(text):
+        digits = _NON_DIGIT.sub("", m.group())
+        if verhoeff_ok(digits) and not _ID_CUE.search(text, max(0, m.start() - 40), m.start()):
+            spans.append(m.span())
+    for m in _CUED_ID.finditer(text):
+        if _ID_WORD.search(text, max(0, m.start() - 40), m.start()):
+            value = m.group()
+            if value.isalpha():
+                continue
+            digits = _NON_DIGIT.sub("", value)
+            if (
+                len(digits) == 9
+                and re.search(r"(?i)\b(?:bsn|burgerservice|sofi)", text)
+                and (not bsn_ok(digits))
+            ):
+                continue
+            spans.append(m.span())
+    return spans
+
+
+# -- dates of birth ---------------------------------------------------------------------------
+
+_MONTHS = (
+    r"jan(?:uary|uar|vier)?|feb(?:ruary|ruar)?|f[ée]v(?:rier)?|mar(?:ch)?|m[äa]rz|mars|"
+    r"apr(?:il)?|avr(?:il)?|may|mai|mei|jun[ei]?|juin|jul[iy]?|juil(?:let)?|aug(?:ust)?|"
+    r"ao[uû]t|sep(?:t(?:ember|embre)?)?|oct(?:ober|obre)?|okt(?:ober)?|nov(?:ember|embre)?|"
+    r"d[ée]c(?:ember|embre)?|dez(?:ember)?"
+)
+_DATE = (
+    r"(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}"  # 1990-04-12
+    r"|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d{2})"  # 12/04/1990, 04.12.90
+    rf"|\d{{1,2}}(?:st|nd|rd|th|er)?\.?[ \-](?:{_MONTHS})\.?[ \-,]+\d{{4}}"  # 12 April 1990
+    rf"|(?:{_MONTHS})\.?[ \-]\d{{1,2}}(?:st|nd|rd|th)?,?[ \-]\d{{4}})"  # April 12, 1990
+)
+_BIRTH_CUE = (
+    r"(?:\bborn(?:\s+on)?|\bdate\s+of\s+birth|\bd\.?o\.?b\.?|\bbirth\s*date|\bbirthday"
+    r"(?:\s+is)?|\bgeboren(?:\s+am)?|\bgeburtsdatum|\bgeb\.|\bn[ée]e?\s+le|"
+    r"\bdate\s+de\s+naissance|\bgeboortedatum|\bgeboren\s+op|\bfecha\s+de\s+nacimiento|"
+    r"\bnacido\s+el|\bnacida\s+el)"
+)
+_DOB = re.compile(
+    rf"{_BIRTH_CUE}[\s:,\-]*(?:is\s+|was\s+|on\s+|the\s+)?({_DATE})(?!\d)",
+    re.IGNORECASE,
+)
+
+
+def _find_dobs(text: str) -> list[tuple[int, int]]:
+    return [m.span(1) for m in _DOB.finditer(text)]
+
+
+# -- street addresses -------------------------------------------------------------------------
+
+_CAPS = r"[A-ZÀ-ÖØ-Þ][\wÀ-ÿ'\-]*"
+_EN_STREET = (
+    r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|"
+    r"Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Close|Crescent|Gardens|Square|Sq|Mews|"
+    r"Row|Grove|Walk|Marg|Nagar|Trail"
+)
+_ADDRESS = re.compile(
+    # US / UK / IN: "1600 Pennsylvania Avenue NW", "221B Baker Street", "12 MG Road"
+    rf"(?<![\w\-])\d{{1,5}}[A-Za-z]?,?\s+(?:{_CAPS}\s+){{1,3}}(?:{_EN_STREET})\.?"
+    rf"(?:\s+(?:NW|NE|SW|SE|N|S|E|W)\b)?"
+    rf"(?:,?\s+(?:Apt|Apartment|Suite|Ste|Unit|Flat|Fl)\.?\s*#?\w{{1,5}})?"
+    # DE / NL / AT / CH: "Hauptstraße 5a", "Keizersgracht 123", "Unter den Linden 77"
+    r"|(?<![\w\-])[A-ZÄÖÜ][a-zäöüßé\-]*(?:stra(?:ß|ss)e|str\.|weg|platz|gasse|allee|ring|damm|"
+    r"ufer|straat|laan|plein|gracht|kade|singel|dijk|steeg)\s+\d{1,4}(?:\s?[a-zA-Z])?(?![\w])"
+    r"|(?<![\w\-])(?:Unter\s+den\s+Linden|Am\s+[A-ZÄÖÜ][a-zäöüß]+)\s+\d{1,4}[a-z]?(?![\w])"
+    # FR / BE: "10 rue de la Paix", "25 bis avenue Victor Hugo"
+    r"|(?<![\w\-])\d{1,4}(?:\s?(?:bis|ter))?,?\s+(?:rue|avenue|av\.|boulevard|bd|place|chemin|"
+    r"all[ée]e|impasse|quai|cours|route)\s+(?:(?:de\s+la|de\s+l'|du|des|de|d')\s*)?"
+    rf"{_CAPS}(?:[\s\-]+{_CAPS}){{0,3}}",
+)
+
+
+def _find_addresses(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _ADDRESS.finditer(text)]
+
+
+_NON_DIGIT = re.compile(r"\D")
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -616,8 +894,18 @@ class Redactor:
         taken: list[tuple[int, int, str]] = []
         digits = len(_DIGIT.findall(text))  # cards need 13, phone numbers 7
         for kind in self.kinds:
-            if kind == EMAIL:
+            if kind == SECRET:
+                spans = _find_secrets(text) if len(text) >= 12 else []
+            elif kind == EMAIL:
                 spans = [m.span() for m in _EMAIL.finditer(text)] if "@" in text else []
+            elif kind == IBAN:
+                spans = _find_ibans(text) if digits >= 4 else []
+            elif kind == NATIONAL_ID:
+                spans = _find_national_ids(text) if digits >= 4 else []
+            elif kind == DOB:
+                spans = _find_dobs(text) if digits >= 4 else []
+            elif kind == ADDRESS:
+                spans = _find_addresses(text) if digits >= 1 else []
             elif kind == CARD:
                 spans = _find_cards(text) if digits >= 13 else []
             elif kind == IP:
@@ -659,3 +947,82 @@ _CAPITAL = re.compile(f"[{_UPPER}]")
 
 def _has_capital(text: str) -> bool:
     return _CAPITAL.search(text) is not None
+
+
+# -- pseudonyms -------------------------------------------------------------------------------
+
+PSEUDONYM_KEY_FILE: Final = "pseudonym.key"
+_PSEUDONYM_KEY_BYTES = 32
+
+
+class Pseudonymizer:
+    """Keyed pseudonyms for user ids: ``u-`` + the first 24 hex digits (96 bits) of
+    HMAC-SHA256(key, user id).
+
+    Every id is hashed, whatever it looks like: an id that looks pseudonymous may still be
+    an account number. Without the key nobody can test a guessed e-mail address against a
+    pseudonym (an unsalted SHA-256 of an address is reversed by hashing a list of addresses);
+    with the same key the same user always gets the same pseudonym, so feedback by one user
+    can still be grouped. Build it with :meth:`from_settings`.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("a pseudonym key needs at least 16 bytes")
+        self._key = key
+
+    def __repr__(self) -> str:  # never print the key
+        return "Pseudonymizer(<key>)"
+
+    def pseudonym(self, user: str | None) -> str | None:
+        """The pseudonym of ``user``; None or an empty id stays None."""
+        if not user:
+            return None
+        import hmac
+
+        digest = hmac.new(self._key, user.encode("utf-8", "surrogatepass"), "sha256")
+        return "u-" + digest.hexdigest()[:24]
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Pseudonymizer:
+        """The key from ``settings.pseudonym_key`` (``SLUICE_PSEUDONYM_KEY``); unset: this
+        installation's own key (:func:`installation_key`), with a warning."""
+        secret = getattr(settings, "pseudonym_key", None)
+        if secret is not None:
+            value = secret.get_secret_value().encode()
+            if len(value) < 16:
+                raise ValueError("SLUICE_PSEUDONYM_KEY must be at least 16 characters")
+            return cls(value)
+        home = Path(settings.home)
+        _logger.warning(
+            "SLUICE_PSEUDONYM_KEY is not set: user pseudonyms use this installation's own key "
+            "(%s); other installations give the same user other pseudonyms",
+            home / PSEUDONYM_KEY_FILE,
+        )
+        return cls(installation_key(home))
+
+
+def installation_key(home: Path) -> bytes:
+    """The key stored in ``home/pseudonym.key``, created (32 random bytes, mode 0600) on
+    first use. Each installation has its own: workers on other machines (or with another
+    home) give the same user another pseudonym, so set ``SLUICE_PSEUDONYM_KEY`` wherever
+    more than one worker writes training examples."""
+    path = home / PSEUDONYM_KEY_FILE
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        import secrets
+
+        home.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(_PSEUDONYM_KEY_BYTES)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process won the race: use its key
+            key = path.read_bytes()
+        else:
+            with os.fdopen(fd, "wb") as out:
+                out.write(key)
+            _logger.info("created the pseudonym key %s", path)
+    if len(key) < 16:
+        raise ValueError(f"{path} holds {len(key)} bytes; a pseudonym key needs 16 or more")
+    return key

@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     feedback_wait_ms: int = Field(
         10 * 60 * 1000, ge=1, description="How long early feedback waits for its result."
     )
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="HMAC key for user pseudonyms (16+ characters). Unset: a key created "
+        "under <home>/pseudonym.key for this installation only.",
+    )
     feedback_max_entry_bytes: int = Field(
         256_000,
         ge=4_096,
