@@ -314,7 +314,11 @@ class FeedbackJoiner:
             if waiting:
                 entry["pending"] = waiting
             self.table[rid] = entry
-        self._schedule(partition, self._next_due(entry), rid)
+        if waiting:  # the entry may be past its window: its feedback still waits
+            due = min(int(fb["_parked_ms"]) for fb in waiting) + self.wait_ms
+        else:
+            due = int(entry["seen_ms"]) + self.window_ms
+        self._schedule(partition, max(due, now + 1), rid)
         return out
 
     def _next_due(self, entry: Mapping[str, Any]) -> int:
@@ -423,35 +427,25 @@ def fit_entry(
 ) -> tuple[dict[str, Any], bool, list[dict[str, Any]]]:
     """``entry`` made to fit in ``limit`` bytes (:func:`entry_bytes`).
 
-    In order, until it fits: the longest text (prompt, system, answer, a parked
-    feedback's correction, label or metadata value) is cut at a word boundary and ends
-    with :data:`TRUNCATED`; a parked feedback's whole metadata is replaced by
-    ``{METADATA_DROPPED: "<n> entries"}``; the newest parked feedback is taken out.
-    Returns the fitted copy (``entry`` itself when it fits), whether anything was
-    truncated, and the parked feedback taken out (the caller dead-letters them).
+    In order, until it fits: a parked feedback's metadata larger than an eighth of the
+    limit is replaced by ``{METADATA_DROPPED: "<n> entries"}``; the texts (prompt, system,
+    answer, a parked feedback's correction, label and metadata values) are capped at one
+    common length, the longest first, each cut at a word boundary and ending with
+    :data:`TRUNCATED`; the remaining metadata goes the same way; the newest parked
+    feedback is taken out. Returns the fitted copy, whether anything was truncated, and
+    the parked feedback taken out, oldest first (the caller dead-letters them).
     """
     if entry_bytes(entry) <= limit:
         return dict(entry), False, []
     fitted: dict[str, Any] = json.loads(json.dumps(entry))  # a deep, JSON-shaped copy
-    truncated = False
-    for _ in range(256):  # each round removes most of the excess; bounded anyway
+    pending: list[dict[str, Any]] = fitted.get("pending") or []
+    truncated = _drop_metadata(fitted, pending, limit, larger_than=limit // 8)
+    for _ in range(4):  # one pass is exact but for the marker on very small caps
         excess = entry_bytes(fitted) - limit
         if excess <= 0:
             break
-        longest = max(_texts(fitted), key=lambda slot: len(slot[2]), default=None)
-        if longest is None or len(longest[2]) <= len(TRUNCATED):
-            break
-        holder, name, text = longest
-        holder[name] = _cut(text, excess)
-        truncated = True
-    pending: list[dict[str, Any]] = fitted.get("pending") or []
-    for fb in sorted(pending, key=lambda fb: -entry_bytes(fb.get("metadata") or {})):
-        if entry_bytes(fitted) <= limit:
-            break
-        metadata = fb.get("metadata") or {}
-        if metadata and METADATA_DROPPED not in metadata:
-            fb["metadata"] = {METADATA_DROPPED: f"{len(metadata)} entries"}
-            truncated = True
+        truncated = _cap_texts(list(_texts(fitted)), excess) or truncated
+    truncated = _drop_metadata(fitted, pending, limit, larger_than=0) or truncated
     dropped: list[dict[str, Any]] = []
     while pending and entry_bytes(fitted) > limit:
         dropped.insert(0, pending.pop())
@@ -460,6 +454,39 @@ def fit_entry(
     if entry_bytes(fitted) > limit:
         logger.warning("feedback join: an entry is still %d bytes", entry_bytes(fitted))
     return fitted, truncated, dropped
+
+
+def _drop_metadata(
+    entry: dict[str, Any], pending: list[dict[str, Any]], limit: int, *, larger_than: int
+) -> bool:
+    dropped = False
+    for fb in sorted(pending, key=lambda fb: -entry_bytes(fb.get("metadata") or {})):
+        metadata = fb.get("metadata") or {}
+        if entry_bytes(entry) <= limit or entry_bytes(metadata) <= max(larger_than, 2):
+            break
+        if METADATA_DROPPED not in metadata:
+            fb["metadata"] = {METADATA_DROPPED: f"{len(metadata)} entries"}
+            dropped = True
+    return dropped
+
+
+def _cap_texts(slots: list[tuple[dict[str, Any], str, str]], excess: int) -> bool:
+    """Cap the texts at the one length (JSON bytes) that removes ``excess`` bytes in all
+    (water-filling: texts under the cap stay whole)."""
+    sizes = sorted((entry_bytes(text) for _, _, text in slots), reverse=True)
+    budget = sum(sizes) - excess
+    cap = 0
+    for k in range(1, len(sizes) + 1):
+        rest = sum(sizes[k:])
+        cap = (budget - rest) // k
+        if k == len(sizes) or cap >= sizes[k]:
+            break
+    cut = False
+    for holder, name, text in slots:
+        if entry_bytes(text) > cap:
+            holder[name] = _cut(text, max(cap, 0))
+            cut = True
+    return cut
 
 
 def _texts(entry: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str]]:
@@ -475,7 +502,7 @@ def _texts(entry: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str]]:
             if isinstance(fb.get(name), str):
                 yield fb, name, fb[name]
         metadata = fb.get("metadata")
-        if isinstance(metadata, dict):
+        if isinstance(metadata, dict) and METADATA_DROPPED not in metadata:
             for name, value in metadata.items():
                 if isinstance(value, str):
                     yield metadata, name, value
@@ -484,14 +511,19 @@ def _texts(entry: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str]]:
 _LAST_SPACE = re.compile(r"\s\S*\Z")
 
 
-def _cut(text: str, excess: int) -> str:
-    """``text`` shortened by at least ``excess`` JSON bytes, cut at a word boundary (so no
-    half an e-mail address or card number is left for the redactor to miss)."""
+def _cut(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` (JSON, marker included), at a word boundary
+    (so no half an e-mail address or card number is left for the redactor to miss)."""
     body = text[: -len(TRUNCATED)] if text.endswith(TRUNCATED) else text
+    room = max_bytes - entry_bytes(TRUNCATED)
+    if room <= 2:
+        return TRUNCATED
     per_char = max(entry_bytes(body) - 2, 1) / max(len(body), 1)
-    keep = max(len(body) - int((excess + entry_bytes(TRUNCATED)) / per_char) - 1, 0)
-    head = body[:keep]
-    if keep < len(body) and not body[keep].isspace():
+    keep = min(len(body), int((room - 2) / per_char))
+    while keep > 0 and entry_bytes(body[:keep]) > room:
+        keep -= max(1, (entry_bytes(body[:keep]) - room) // 12)
+    head = body[: max(keep, 0)]
+    if 0 < keep < len(body) and not body[keep].isspace():
         space = _LAST_SPACE.search(head, max(0, keep - 200))
         if space is not None:  # else one very long token: cut it where it is
             head = head[: space.start()]
