@@ -246,6 +246,12 @@ async def test_adopt_after_promotions_loads_the_current_and_candidate_only() -> 
     await router.apply(ROLLBACK)
     assert len(loads.calls) == calls and router.current.version == "v1"
     assert loads.engines["v4"].stopped
+    # Only the newest previous stays warm: two promotions retire the older one.
+    for version in ("v5", "v6"):
+        await router.apply(load(version))
+        await router.apply(PROMOTE)
+    assert router.state.previous == (None, "v1", "v5")
+    assert router.loaded() == {None, "v5", "v6"} and loads.engines["v1"].stopped
     await router.stop()
 
 
