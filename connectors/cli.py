@@ -38,11 +38,16 @@ def _settings() -> Settings:
 
 
 def _configure_logging(level: str) -> None:
+    from streams.log_limits import install_repeat_filter
+
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # one line per kind per 10 s for warnings and errors: a broker that is gone must not
+    # turn the log into megabytes of the same line
+    install_repeat_filter(10.0)
 
 
 # -- kafka --------------------------------------------------------------------------------
@@ -87,13 +92,25 @@ def kafka_status() -> None:
 
 # -- worker -------------------------------------------------------------------------------
 @app.command()
-def worker() -> None:
+def worker(
+    role: str | None = typer.Option(
+        None,
+        "--role",
+        help="inference | join | all (default: SLUICE_WORKER_ROLE, else all). Production runs "
+        "inference and join workers apart: each role is its own consumer group.",
+    ),
+) -> None:
     """Run a worker: consume llm.requests, run the model, publish results."""
     from streams.worker import run_worker
 
     settings = _settings()
+    if role is not None:
+        if role not in ("inference", "join", "all"):
+            err.print(f"[red]--role must be inference, join or all, not {escape(role)}[/red]")
+            raise typer.Exit(2)
+        settings = settings.model_copy(update={"worker_role": role})
     _configure_logging(settings.log_level)
-    run_worker(settings)
+    sys.exit(run_worker(settings))
 
 
 # -- send ---------------------------------------------------------------------------------
@@ -528,6 +545,25 @@ def bench(
         out_dir=out_dir,
     )
     run_bench(settings, options, console)
+
+
+# -- redaction ----------------------------------------------------------------------------
+redaction_app = typer.Typer(help="The PII redactor of training examples.", no_args_is_help=True)
+app.add_typer(redaction_app, name="redaction")
+
+
+@redaction_app.command("eval")
+def redaction_eval(
+    set_file: Path | None = typer.Option(
+        None, "--set", help="Labelled JSON lines (default: tests/data/redaction_set.jsonl)."
+    ),
+    region: str = typer.Option("US", "--region", help="Region of national phone formats."),
+    errors: bool = typer.Option(False, "--errors", help="List every miss and false finding."),
+) -> None:
+    """Print the redactor's recall and precision per PII type on a labelled set."""
+    from connectors.redaction_eval import run
+
+    run(set_file, region=region, show_errors=errors)
 
 
 # -- demo ---------------------------------------------------------------------------------

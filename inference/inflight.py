@@ -60,6 +60,9 @@ class InflightDispatcher:
         if self._closed:
             raise BatcherClosedError("the dispatcher is stopping")
         await self._slots.acquire()
+        if self._closed:  # stopped while this waited for a slot
+            self._slots.release()
+            raise BatcherClosedError("the dispatcher is stopping")
         future: asyncio.Future[BatchOutcome] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._run(request, future, self._clock()))
         self._tasks.add(task)

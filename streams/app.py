@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 from mode import Service
+from prometheus_client import CollectorRegistry
 
 from streams.pipeline import IntakePipeline
 from streams.records import source_record
@@ -19,7 +20,8 @@ logger = logging.getLogger(__name__)
 def faust_app(settings: Settings, bootstrap: str, *, web_port: int) -> faust.App:
     """A Faust app configured for Sluice: raw bytes on the wire (we decode Avro ourselves,
     so a bad record becomes a dead letter instead of crashing the agent), manual acks,
-    and the web server bound to loopback on a port we chose (FAUST_NOTES #4)."""
+    and the web server bound to loopback on a port we chose (a Faust worker binds
+    0.0.0.0:6066 unless told otherwise: two workers on one host would collide)."""
     datadir = (settings.home / "faust").resolve()
     datadir.mkdir(parents=True, exist_ok=True)
     return faust.App(
@@ -45,10 +47,49 @@ def faust_app(settings: Settings, bootstrap: str, *, web_port: int) -> faust.App
 
 
 def build_app(
-    settings: Settings, pipeline: IntakePipeline, bootstrap: str, *, web_port: int
+    settings: Settings,
+    pipeline: IntakePipeline | None,
+    bootstrap: str,
+    *,
+    web_port: int,
+    producer: Any = None,
 ) -> faust.App:
-    """The worker's app: the intake agent feeding ``pipeline``, plus its lifecycle."""
+    """The worker's app for its role: the intake agent feeding ``pipeline`` (roles
+    ``inference`` and ``all``), the feedback join (roles ``join`` and ``all``), and their
+    lifecycle. ``producer`` (an :class:`streams.kafka_clients.OutboxProducer`) publishes
+    results and dead letters; None: Faust's own producer."""
+    role = settings.worker_role
+    if role == "join":
+        settings = settings.model_copy(update={"app_id": join_group(settings)})
     app = faust_app(settings, bootstrap, web_port=web_port)
+    if role in ("join", "all") and settings.feedback_join:
+        from streams.feedback_join import add_feedback_join
+        from streams.metrics import WorkerMetrics
+
+        codec = pipeline.codec if pipeline is not None else _codec(settings)
+        metrics = pipeline.metrics if pipeline is not None else WorkerMetrics(CollectorRegistry())
+        add_feedback_join(app, settings, codec, metrics, requests_channel(app, settings))
+    if role in ("inference", "all"):
+        if pipeline is None:
+            raise ValueError(f"role {role} needs an intake pipeline")
+        _add_intake(app, settings, pipeline, producer)
+    return app
+
+
+def join_group(settings: Settings) -> str:
+    """The consumer group (and Faust app id) of workers with role ``join``."""
+    return f"{settings.app_id}-join"
+
+
+def _codec(settings: Settings) -> Any:
+    from schemas.codec import codec_from_registry_url
+
+    return codec_from_registry_url(settings.schema_registry_url)
+
+
+def _add_intake(
+    app: faust.App, settings: Settings, pipeline: IntakePipeline, producer: Any
+) -> None:
     requests = requests_channel(app, settings)
 
     @app.agent(requests, name="sluice.intake")
@@ -56,13 +97,6 @@ def build_app(
         await pipeline.ready.wait()
         async for event in stream.noack().events():
             await pipeline.handle(source_record(event.message))
-
-    if settings.feedback_join:
-        from streams.feedback_join import add_feedback_join
-
-        add_feedback_join(
-            app, settings, pipeline.codec, pipeline.metrics, requests_channel(app, settings)
-        )
 
     @app.on_before_shutdown.connect
     async def drain(app: faust.App, **_: Any) -> None:
@@ -76,8 +110,11 @@ def build_app(
 
     async def commit(offsets: dict[Hashable, int]) -> bool:
         # Faust's own ack-based commit is bypassed (noack stream): we hand it our
-        # watermarks. _commit_offsets skips partitions no longer assigned to us.
+        # watermarks, only for partitions assigned now (the keeper filters them first).
         return bool(await app.consumer._commit_offsets(offsets))
+
+    def assigned() -> set[Hashable]:
+        return set(app.consumer.assignment())
 
     def highwater(tp: Hashable) -> int | None:
         try:
@@ -90,13 +127,20 @@ def build_app(
         shutdown happens earlier, in ``on_before_shutdown``; this stop is a fallback)."""
 
         async def on_start(self) -> None:
-            await pipeline.start(app.producer, commit, highwater)
+            from streams.log_limits import install_repeat_filter
+
+            install_repeat_filter()  # Faust's worker set up its own log handlers by now
+            out = producer if producer is not None else app.producer
+            if producer is not None:
+                await producer.start()
+            await pipeline.start(out, commit, highwater, assigned)
 
         async def on_stop(self) -> None:
             await pipeline.stop()
+            if producer is not None:
+                await producer.stop()
 
     app.service(PipelineService)
-    return app
 
 
 def requests_channel(app: faust.App, settings: Settings) -> faust.TopicT:

@@ -29,12 +29,15 @@ class AnsweredIndex:
 
 async def load_answered(
     bootstrap: str,
-    topic: str,
+    topic: str | list[str],
     capacity: int,
     client_options: dict | None = None,
     timeout: float = 60.0,
 ) -> AnsweredIndex:
     """Read the tail of the results topic (keys only) into an :class:`AnsweredIndex`.
+
+    ``topic`` may be several topics (results and the requests DLQ: a dead-lettered request
+    is answered too, and must not be answered again when it is read again).
 
     A restarted worker re-reads requests whose offsets were not committed before it died;
     this is how it knows which of them were already answered. Reads at most ``capacity``
@@ -57,7 +60,12 @@ async def load_answered(
     )
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
+        topics = [topic] if isinstance(topic, str) else list(topic)
+        tps = [
+            TopicPartition(name, p)
+            for name in topics
+            for p in await topic_partitions(consumer, name)
+        ]
         if not tps:
             return index
         consumer.assign(tps)

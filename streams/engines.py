@@ -43,6 +43,8 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             completion_tokens=settings.benchmark_completion_tokens,
             max_batch_size=settings.batch_max_size,
             delay_s=settings.benchmark_delay_ms / 1000.0,
+            dead_after=settings.benchmark_dead_after,
+            overloaded_s=settings.benchmark_overloaded_s,
         )
         if settings.model_version:
             engine.model_version = settings.model_version  # the label results carry

@@ -120,6 +120,17 @@ class WorkerMetrics:
         self.publish_retries_total = Counter(
             "sluice_publish_retries_total", "Result/DLQ sends retried.", registry=registry
         )
+        self.engine_retries_total = Counter(
+            "sluice_engine_retries_total",
+            "Requests the engine could not take (overloaded, transient error), run again.",
+            registry=registry,
+        )
+        self.engine_healthy = Gauge(
+            "sluice_engine_healthy",
+            "1 while the engine serves; 0 once it died (the worker then exits non-zero).",
+            registry=registry,
+        )
+        self.engine_healthy.set(1)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the lookup is a measurable share of the

@@ -1,12 +1,21 @@
 """The intake pipeline: raw Kafka records in, results and dead letters out, offsets committed.
 
 The Faust agent hands every record to :meth:`IntakePipeline.handle`; nothing else in the
-agent. Here a record is decoded, checked against the answered index, admitted, queued in
-the micro-batcher and, when its outcome is ready, published. Its offset is marked finished
-only when the broker has acknowledged its result or dead letter; a commit loop moves each
-partition's committed offset up to its lowest unfinished offset (:mod:`streams.watermarks`).
-So a crash at any point loses nothing: what was not committed is read again, and what was
-already answered is recognised by request_id and not answered twice.
+agent. Here a record is decoded, checked against the answered index, admitted, routed to a
+model version and submitted to its dispatcher; when its outcome is ready it is published.
+The pieces around it each have one job:
+
+* :class:`streams.offsets.OffsetKeeper`: which offsets were read, answered and may be
+  committed; ownership across rebalances; records the stream skipped.
+* :class:`streams.outbox.Outbox`: publishing, retries by error kind, delivery callbacks.
+* :mod:`streams.outcomes`: what an engine's answer means (publish, retry, or stop: the
+  engine is dead).
+* :class:`streams.rollout.ModelRouter`: which version serves a request.
+
+A request's offset is marked finished only when the broker has acknowledged its result or
+dead letter, so a crash at any point loses nothing: what was not committed is read again,
+and what was already answered is recognised by request_id and not answered twice. The
+whole design is written down in docs/delivery.md.
 """
 
 from __future__ import annotations
@@ -14,65 +23,46 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from inference.backends.base import Engine
 from inference.batcher import MicroBatcher
-from inference.errors import InvalidRequestError
+from inference.errors import BatcherClosedError, InvalidRequestError
 from inference.inflight import InflightDispatcher
 from inference.types import BatchOutcome, Completion, GenerationRequest
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
 from streams.admission import Admission, AdmissionLimits
-from streams.control import ControlListener
 from streams.dedup import AnsweredIndex
-from streams.holes import HoleReader
+from streams.log_limits import RateLimitedLogger
 from streams.metrics import WorkerMetrics
-from streams.records import SourceRecord, dead_letter, now_ms, result_record
-from streams.rollout import Dispatcher, ModelRouter, Route
+from streams.offsets import Assigned, Committer, Highwater, HoleSource, OffsetKeeper
+from streams.outbox import Outbox, Outgoing, Producer
+from streams.outcomes import Verdict, judge, retry_delay
+from streams.records import SourceRecord, dead_letter, now_ms, result_record, truncate_original
+from streams.rollout import Dispatcher, ModelRouter, RolloutState, Route
 from streams.settings import Settings
-from streams.watermarks import OffsetWatermarks
+from streams.slots import Slots
 
 logger = logging.getLogger(__name__)
 
-Committer = Callable[[dict[Hashable, int]], Awaitable[bool]]
-Highwater = Callable[[Hashable], int | None]
-
-
-class Producer(Protocol):
-    """What the pipeline needs from a Kafka producer (Faust's and aiokafka's both fit)."""
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        partition: int | None,
-        timestamp: float | None,
-        headers: Any,
-    ) -> Awaitable[Any]: ...
+OnFatal = Callable[[BaseException], None]
+#: Bytes of the original value a dead letter keeps when the whole would not fit.
+DLQ_SHRUNK_BYTES = 4096
 
 
 @dataclass
-class _Outgoing:
-    """One record to publish and the source records it answers."""
+class _Request:
+    """One admitted request on its way through an engine."""
 
-    topic: str
-    key: bytes | None
-    value: bytes
-    sources: list[SourceRecord]
-    request_id: str | None = None  # set for results: goes into the answered index
-    attempts: int = 0
-    on_delivered: list[Callable[[], None]] = field(default_factory=list)
-
-
-class _Context(NamedTuple):
     request_id: str
     created_ms: int
     read_ms: int
-    engine: Engine
+    request: GenerationRequest
+    route: Route
+    attempts: int = 0
 
 
 class IntakePipeline:
@@ -86,20 +76,24 @@ class IntakePipeline:
         metrics: WorkerMetrics,
         answered: AnsweredIndex,
         load_version: Callable[[str], Awaitable[Engine]] | None = None,
+        *,
+        holes: HoleSource | None = None,
+        on_fatal: OnFatal | None = None,
     ) -> None:
         """``engine`` is the base model (started); ``load_version`` loads (and starts) a
-        registry version when a rollout command asks for one."""
+        registry version when a rollout command asks for one; ``holes`` reads what the
+        stream skipped (None: trust the stream); ``on_fatal`` is told once when the engine
+        died (the worker stops and exits non-zero)."""
         self.settings = settings
         self.engine = engine
         self.codec = codec
         self.metrics = metrics
         self.answered = answered
-        self.watermarks = OffsetWatermarks()
         self._load_version = load_version
-        self.control: ControlListener | None = None
-        self.holes: HoleReader | None = None  # None: skipped offsets are not checked
-        self._repairs: set[asyncio.Task[None]] = set()
-        self._generation = 0  # bumped on every revocation: repairs from before are void
+        self._on_fatal = on_fatal
+        self.offsets = OffsetKeeper(holes=holes, metrics=metrics)
+        self.outbox = Outbox(self._delivered, self._undeliverable, metrics=metrics)
+        self.router = ModelRouter(Route(None, engine, self._dispatcher_for(engine)), self._route)
         self.admission = Admission(
             AdmissionLimits(
                 settings.max_prompt_chars,
@@ -107,94 +101,123 @@ class IntakePipeline:
                 settings.max_new_tokens_limit,
             ),
             served_models=lambda: {engine.model_name},
-            encode=lambda p, s, r: self.router.current.engine.encode_prompt(p, system=s, raw=r),
+            # tokenize once, with the engine the route chose (see _take)
+            encode=lambda p, s, r: self._tokenizer.encode_prompt(p, system=s, raw=r),
         )
-        self.router = ModelRouter(Route(None, engine, self._dispatcher_for(engine)), self._route)
-        self._slots = asyncio.Semaphore(settings.max_inflight)
+        self._tokenizer: Engine = engine
+        self.control: Any = None  # a ControlListener, see attach_control
+        self._slots = Slots(settings.max_inflight)
         self._inflight: dict[str, list[SourceRecord]] = {}
-        self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue()
-        self._producer: Producer | None = None
-        self._committer: Committer | None = None
-        self._highwater: Highwater | None = None
-        self._positions: dict[Hashable, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._retries: set[asyncio.Task[None]] = set()
         self._unfinished = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closing = False
+        self.failed: BaseException | None = None
         self.ready = asyncio.Event()
+        self._log = RateLimitedLogger(logger, interval_s=10.0)
 
     # -- lifecycle ---------------------------------------------------------------------
+    def attach_control(self, listener: Any) -> None:
+        """The ``llm.control`` listener whose commands this pipeline applies; it is run
+        (followed) from :meth:`start` on."""
+        self.control = listener
+
     async def start(
-        self, producer: Producer, committer: Committer, highwater: Highwater | None = None
+        self,
+        producer: Producer,
+        committer: Committer,
+        highwater: Highwater | None = None,
+        assigned: Assigned | None = None,
     ) -> None:
-        self._producer = producer
-        self._committer = committer
-        self._highwater = highwater
+        self.offsets.bind(committer, assigned=assigned, highwater=highwater, answer=self.handle)
         for route in self.router.routes():
             await route.dispatcher.start()
             self._mark_serving(route.engine)
+        interval = self.settings.commit_interval_ms / 1000.0
         self._tasks = [
-            asyncio.create_task(self._publish_loop(), name="sluice-publisher"),
-            asyncio.create_task(self._commit_loop(), name="sluice-committer"),
+            asyncio.create_task(self.outbox.run(producer), name="sluice-outbox"),
+            asyncio.create_task(self.offsets.run_commits(interval), name="sluice-committer"),
         ]
         if self.control is not None:
             self._tasks.append(asyncio.create_task(self.control.run(), name="sluice-control"))
         self.ready.set()
 
-    async def stop(self, timeout: float = 30.0, commit_timeout: float = 5.0) -> None:
-        """Finish what was accepted (bounded by ``timeout``), commit, stop the loops.
+    async def stop(self, grace_s: float | None = None, commit_timeout: float = 5.0) -> None:
+        """Stop taking records; finish what was accepted within ``grace_s`` (default: the
+        settings' drain time); commit what was answered (bounded); stop the loops.
 
-        Idempotent. The final commit is bounded too: at shutdown the consumer may already
-        be going away, and an uncommitted offset only means a re-read that the answered
-        index recognises.
-        """
+        Idempotent. Whatever is not answered by then keeps its offset uncommitted and is
+        read again by the next owner of its partition (the answered index recognises what
+        was answered meanwhile)."""
+        if self._closing:
+            return
+        self._closing = True
         if not self.ready.is_set() and not self._tasks:
             return
         self.ready.clear()
-        logger.info("draining: %d requests unanswered", self._unfinished)
+        self._slots.close()
+        loop = asyncio.get_running_loop()
+        grace = self.settings.drain_timeout_s if grace_s is None else grace_s
+        give_up = loop.time() + grace
+        logger.info("draining: %d requests unanswered (up to %.0f s)", self._unfinished, grace)
+        for task in list(self._retries):
+            task.cancel()
         for route in self.router.routes():
-            await route.dispatcher.stop()
+            try:
+                await asyncio.wait_for(route.dispatcher.stop(), max(give_up - loop.time(), 0))
+            except TimeoutError:
+                logger.warning("engine %s did not finish its queue in time", route.version)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), max(give_up - loop.time(), 0.01))
         except TimeoutError:
-            logger.warning("stopping with %d requests unanswered", self._unfinished)
+            logger.warning(
+                "stopping with %d requests unanswered; their offsets stay uncommitted",
+                self._unfinished,
+            )
         try:
-            await asyncio.wait_for(self.commit_now(), commit_timeout)
+            await asyncio.wait_for(self.offsets.commit_now(), commit_timeout)
         except Exception as exc:
             logger.warning("final commit failed (%r); those offsets will be re-read", exc)
-        repairs = [*self._repairs, *self._tasks]
-        for task in repairs:
+        tasks = [*self._tasks, *self._retries]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*repairs, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
-        if self.holes is not None:
-            try:
-                await self.holes.close()
-            except Exception as exc:
-                logger.warning("closing the hole reader failed: %r", exc)
+        await self.offsets.close()
         if self.control is not None:
-            await self.control.stop()
+            try:
+                await asyncio.wait_for(self.control.stop(), commit_timeout)
+            except Exception as exc:
+                logger.warning("stopping the control listener failed: %r", exc)
 
     # -- intake ------------------------------------------------------------------------
     async def handle(self, source: SourceRecord) -> None:
-        """Take one record. Waits while ``max_inflight`` requests are unanswered."""
-        if self.holes is not None and not self.watermarks.knows(source.tp):
-            await self._start_partition(source.tp)
-        await self._slots.acquire()
+        """Take one record. Waits while ``max_inflight`` requests are unanswered.
+
+        A record whose partition is revoked while this waits is dropped untracked (the new
+        owner reads it again); so is every record after :meth:`stop` or a fatal error."""
+        claim = self.offsets.claim(source.tp)
+        if self._closing:
+            return
+        if not self.offsets.knows(source.tp):
+            await self.offsets.start_partition(claim)
+        if not await self._slots.acquire():
+            return
+        if self._closing or not self.offsets.still_owned(claim):
+            self._slots.release()
+            return
+        self.offsets.track(source)
         self._unfinished += 1
         self._idle.clear()
-        tracked = self.watermarks.track(source.tp, source.offset)
-        if tracked.redelivery:
-            self.metrics.redeliveries_total.inc()
-        if tracked.hole is not None:
-            self._repair_hole(source.tp, tracked.hole)
-        self._positions[source.tp] = source.offset + 1
         self.metrics.inflight_requests.inc()
+        await self._take(source)
+
+    async def _take(self, source: SourceRecord) -> None:
         read_ms = now_ms()
-        try:
-            _, record = self.codec.decode(source.value, expected="InferenceRequest")
-        except SchemaError as exc:
-            self._dead_letter(source, exc.reason_code, str(exc), request_id=None)
+        record = await self._decode(source)
+        if record is None:
             return
         request_id = record["request_id"]
         if request_id in self.answered:
@@ -205,83 +228,68 @@ class IntakePipeline:
             self.metrics.duplicates_total.inc()
             self._inflight[request_id].append(source)
             return
+        route = self.router.pick(request_id)
+        self._tokenizer = route.engine
         try:
             request = self.admission.admit(record, source.timestamp_ms)
         except InvalidRequestError as exc:
-            self._dead_letter(source, exc.reason_code, str(exc), request_id=request_id)
+            self._dead_letter([source], exc.reason_code, str(exc), request_id=request_id)
             return
         except Exception as exc:  # a tokenizer or other surprise: still one answer
             logger.exception("admission failed for %s", request_id)
-            self._dead_letter(source, "invalid_request", f"admission failed: {exc}", request_id)
+            self._dead_letter([source], "invalid_request", f"admission failed: {exc}", request_id)
             return
         self._inflight[request_id] = [source]
         created_ms = record.get("created_at") or source.timestamp_ms or read_ms
         self.metrics.observe_stage("queue", (read_ms - created_ms) / 1000.0)
-        route = self.router.pick(request_id)
-        context = _Context(request_id, created_ms, read_ms, route.engine)
+        job = _Request(request_id, created_ms, read_ms, request, route)
         if request.deadline is not None and request.deadline <= time.monotonic():
-            self._publish_result(context, None, expired=True)
+            self._publish_result(job, None, expired=True)
             return
-        if route is not self.router.current:  # another version may tokenize differently
-            request.prompt_ids = route.engine.encode_prompt(
-                request.prompt, system=request.system, raw=request.raw
-            )
-        future = await route.dispatcher.submit(request)
-        future.add_done_callback(lambda f: self._on_outcome(context, f))
+        await self._submit(job)
 
-    # -- records the stream skipped -----------------------------------------------------
-    async def _start_partition(self, tp: Hashable) -> None:
-        """First record of a newly assigned partition: learn where it should start."""
-        assert self.holes is not None
-        try:
-            committed = await asyncio.wait_for(self.holes.committed(tp), 30.0)
-        except Exception as exc:  # no check for this partition's first record, still correct
-            logger.warning("committed offset of %s unknown (%r)", tp, exc)
-            committed = None
-        if not self.watermarks.knows(tp):
-            self.watermarks.start(tp, committed)
-
-    def _repair_hole(self, tp: Hashable, hole: tuple[int, int]) -> None:
-        if self.holes is None:
-            self.watermarks.close_hole(tp, hole)  # not checked: trust the stream
-            return
-        task = asyncio.create_task(self._read_hole(tp, hole, self._generation))
-        self._repairs.add(task)
-        task.add_done_callback(self._repairs.discard)
-
-    async def _read_hole(self, tp: Hashable, hole: tuple[int, int], generation: int) -> None:
-        """Read the records the stream skipped and answer them; then release the mark."""
-        assert self.holes is not None
-        start, end = hole
-        delay = 0.5
+    async def _decode(self, source: SourceRecord) -> dict[str, Any] | None:
+        """The request record, or None when it was dead-lettered (or the pipeline stopped
+        while a retriable decode failure, such as a Schema Registry outage, was retried)."""
+        attempt = 0
         while True:
             try:
-                records = await self.holes.read(tp, start, end)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the mark stays at the hole: nothing is committed past
-                logger.warning(
-                    "reading skipped offsets %s [%d, %d) failed: %r", tp, start, end, exc
+                _, record = self.codec.decode(source.value, expected="InferenceRequest")
+                return record
+            except SchemaError as exc:
+                if not getattr(exc, "retriable", False):
+                    self._dead_letter([source], exc.reason_code, str(exc), request_id=None)
+                    return None
+                attempt += 1
+                self._log.warning(
+                    "decode-retry",
+                    "decoding %s/%d@%d failed (%s); retry %d",
+                    source.topic,
+                    source.partition,
+                    source.offset,
+                    exc,
+                    attempt,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            if generation != self._generation:
+                await asyncio.sleep(retry_delay(attempt))
+                if self._closing:
+                    self._abandon([source])
+                    return None
+
+    async def _submit(self, job: _Request) -> None:
+        try:
+            future = await job.route.dispatcher.submit(job.request)
+        except BatcherClosedError:
+            if self._closing:
+                self._abandon(self._inflight.pop(job.request_id, []))
                 return
-        if generation != self._generation:
-            return  # revoked meanwhile: the new owner reads from the committed offset
-        if records:
-            self.metrics.skipped_records_total.inc(len(records))
-            logger.warning(
-                "the stream skipped %d records of %s in [%d, %d); answering them now",
-                len(records),
-                tp,
-                start,
-                end,
+            # The version was retired while this waited: route again.
+            job.route = self.router.pick(job.request_id)
+            job.request.prompt_ids = job.route.engine.encode_prompt(
+                job.request.prompt, system=job.request.system, raw=job.request.raw
             )
-        for record in records:
-            await self.handle(record)
-        self.watermarks.close_hole(tp, hole)
+            await self._submit(job)
+            return
+        future.add_done_callback(lambda f: self._on_outcome(job, f))
 
     # -- engines and versions ----------------------------------------------------------
     def _dispatcher_for(self, engine: Engine) -> Dispatcher:
@@ -326,61 +334,139 @@ class IntakePipeline:
         except Exception:
             logger.exception("control command %s failed; rollout unchanged", command)
             return
+        self._show_rollout(state)
+
+    async def adopt_rollout(self, state: RolloutState) -> None:
+        """Serve ``state`` (the fold of the whole control topic at start); never raises."""
+        try:
+            adopted = await self.router.adopt(state)
+        except Exception:
+            logger.exception("adopting rollout %s failed; serving the base model", state)
+            return
+        self._show_rollout(adopted)
+
+    def _show_rollout(self, state: RolloutState) -> None:
         self.metrics.canary_percent.set(state.canary_percent if state.candidate else 0)
         self.metrics.model_info.clear()  # retired versions stop showing as served
         for route in self.router.routes():
             self._mark_serving(route.engine)
 
-    def _on_outcome(self, context: _Context, future: asyncio.Future) -> None:
-        if future.cancelled():
-            outcome = BatchOutcome(None, RuntimeError("cancelled"), 0, 0.0, 0.0)
+    def _on_outcome(self, job: _Request, future: asyncio.Future[BatchOutcome]) -> None:
+        if future.cancelled():  # the dispatcher was torn down at shutdown
+            self._abandon(self._inflight.pop(job.request_id, []))
+            return
+        outcome = future.result()
+        verdict = judge(outcome, job.route.engine.dead_error)
+        if verdict is Verdict.ANSWER:
+            self._publish_result(job, outcome)
+        elif verdict is Verdict.RETRY and not self._closing:
+            self._retry(job, outcome.error)
+        elif verdict is Verdict.RETRY:
+            self._abandon(self._inflight.pop(job.request_id, []))
         else:
-            outcome = future.result()
-        self._publish_result(context, outcome)
+            self._abandon(self._inflight.pop(job.request_id, []))
+            self._fatal(job.route.engine.dead_error or outcome.error or RuntimeError("dead"))
+
+    def _retry(self, job: _Request, error: BaseException | None) -> None:
+        job.attempts += 1
+        self.metrics.engine_retries_total.inc()
+        delay = retry_delay(job.attempts)
+        self._log.warning(
+            "engine-retry",
+            "engine could not take %s now (%s); retry %d in %.1fs",
+            job.request_id,
+            error,
+            job.attempts,
+            delay,
+        )
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            if job.request.deadline is not None and job.request.deadline <= time.monotonic():
+                self._publish_result(job, None, expired=True)
+                return
+            await self._submit(job)
+
+        task = asyncio.create_task(again())
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    def _fatal(self, error: BaseException) -> None:
+        if self.failed is not None:
+            return
+        self.failed = error
+        self.metrics.engine_healthy.set(0)
+        logger.critical(
+            "the engine is dead (%s): no more requests are taken; this worker exits so it "
+            "can be restarted, and its unanswered requests are read again",
+            error,
+        )
+        self._closing_intake()
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
+    def _closing_intake(self) -> None:
+        self._slots.close()
 
     # -- output ------------------------------------------------------------------------
     def _publish_result(
-        self, context: _Context, outcome: BatchOutcome | None, expired: bool = False
+        self, job: _Request, outcome: BatchOutcome | None, expired: bool = False
     ) -> None:
-        request_id, created_ms, read_ms, engine = context
+        engine = job.route.engine
         record = result_record(
-            request_id=request_id,
+            request_id=job.request_id,
             model=engine.model_name,
             model_version=engine.model_version,
             outcome=outcome,
-            created_ms=created_ms,
-            read_ms=read_ms,
+            created_ms=job.created_ms,
+            read_ms=job.read_ms,
             worker=self.settings.worker_id,
             expired=expired,
         )
         self._record_metrics(record, outcome)
-        sources = self._inflight.get(request_id, [])
-        self._outbox.put_nowait(
-            _Outgoing(
+        self.outbox.put(
+            Outgoing(
                 self.settings.results_topic,
-                request_id.encode(),
+                job.request_id.encode(),
                 self.codec.encode("InferenceResult", record),
-                sources,
-                request_id=request_id,
+                self._inflight.get(job.request_id, []),
+                request_id=job.request_id,
             )
         )
 
     def _dead_letter(
-        self, source: SourceRecord, code: str, reason: str, request_id: str | None
+        self, sources: list[SourceRecord], code: str, reason: str, request_id: str | None
     ) -> None:
+        source = sources[0]
         self.metrics.dlq_total.labels(reason=code).inc()
         logger.info(
-            "dead-lettering %s/%d@%d: %s", source.topic, source.partition, source.offset, reason
+            "dead-lettering %s/%d@%d: %s",
+            source.topic,
+            source.partition,
+            source.offset,
+            reason[:500],
         )
         record = dead_letter(
-            source, code, reason, request_id=request_id, worker=self.settings.worker_id
+            source,
+            code,
+            reason[:4000],
+            request_id=request_id,
+            worker=self.settings.worker_id,
+            max_original_bytes=self.settings.dlq_max_original_bytes,
         )
-        self._outbox.put_nowait(
-            _Outgoing(
+
+        def shrink() -> bytes:
+            return self.codec.encode("DeadLetter", truncate_original(record, DLQ_SHRUNK_BYTES))
+
+        self.outbox.put(
+            Outgoing(
                 self.settings.dlq_topic,
-                source.key,
+                source.key[:DLQ_SHRUNK_BYTES] if source.key else source.key,
                 self.codec.encode("DeadLetter", record),
-                [source],
+                sources,
+                request_id=request_id,
+                is_dead_letter=True,
+                shrink=shrink,
             )
         )
 
@@ -396,87 +482,52 @@ class IntakePipeline:
         m.child(m.tokens_total, "prompt").inc(record["prompt_tokens"])
         m.child(m.tokens_total, "completion").inc(record["completion_tokens"])
 
-    async def _publish_loop(self) -> None:
-        assert self._producer is not None
-        while True:
-            item = await self._outbox.get()
-            try:
-                delivery = await self._producer.send(
-                    item.topic, item.key, item.value, None, None, None
-                )
-            except Exception as exc:
-                self._retry(item, exc)
-                continue
-            asyncio.ensure_future(delivery).add_done_callback(
-                lambda f, item=item: self._on_delivery(item, f)
-            )
-
-    def _on_delivery(self, item: _Outgoing, delivery: asyncio.Future) -> None:
-        error = delivery.exception() if not delivery.cancelled() else RuntimeError("cancelled")
-        if error is not None:
-            self._retry(item, error)
-            return
+    def _delivered(self, item: Outgoing) -> None:
         if item.request_id is not None:
             self.answered.add(item.request_id)
             self._inflight.pop(item.request_id, None)
         self._finish(item.sources)
 
-    def _retry(self, item: _Outgoing, error: BaseException) -> None:
-        """A send failed: keep the offset unfinished and try again with backoff."""
-        item.attempts += 1
-        self.metrics.publish_retries_total.inc()
-        delay = min(0.1 * 2 ** min(item.attempts, 8), 10.0)
-        logger.warning(
-            "send to %s failed (%s); retry %d in %.1fs", item.topic, error, item.attempts, delay
+    def _undeliverable(self, item: Outgoing, error: BaseException) -> None:
+        """A result the broker will never take: the request is answered with a dead letter
+        instead (dead letters themselves are never given up on, see the outbox)."""
+        if item.request_id is not None:
+            self._inflight.pop(item.request_id, None)
+        if not item.sources:
+            return
+        self._dead_letter(
+            item.sources,
+            "result_undeliverable",
+            f"the result could not be published to {item.topic}: {error}",
+            request_id=item.request_id,
         )
-        asyncio.get_running_loop().call_later(delay, self._outbox.put_nowait, item)
 
-    def _finish(self, sources: list[SourceRecord]) -> None:
+    def _finish(self, sources: Iterable[SourceRecord]) -> None:
         for source in sources:
-            self.watermarks.finish(source.tp, source.offset)
-            self._slots.release()
-            self._unfinished -= 1
-            self.metrics.inflight_requests.dec()
+            self.offsets.finish(source)
+            self._release()
+
+    def _abandon(self, sources: Iterable[SourceRecord]) -> None:
+        """Give up on records without answering them (shutdown, dead engine): their slots
+        are freed, their offsets stay unfinished so they are never committed."""
+        for _ in sources:
+            self._release()
+
+    def _release(self) -> None:
+        self._slots.release()
+        self._unfinished -= 1
+        self.metrics.inflight_requests.dec()
         if self._unfinished == 0:
             self._idle.set()
 
-    # -- commits -----------------------------------------------------------------------
-    async def _commit_loop(self) -> None:
-        interval = self.settings.commit_interval_ms / 1000.0
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.wait_for(self.commit_now(), 30.0)
-            except Exception:
-                logger.exception("offset commit failed; will retry")
-            self._update_lag()
-
-    def _update_lag(self) -> None:
-        if self._highwater is None:
-            return
-        for tp, position in list(self._positions.items()):
-            end = self._highwater(tp)
-            if end is not None:
-                partition = getattr(tp, "partition", tp)
-                self.metrics.consumer_lag.labels(partition=str(partition)).set(end - position)
-
+    # -- commits and rebalances ------------------------------------------------------------
     async def commit_now(self) -> dict[Hashable, int]:
-        """Commit every partition's watermark that moved. Returns what was committed."""
-        offsets = self.watermarks.committable()
-        if not offsets or self._committer is None:
-            return {}
-        if await self._committer(offsets):
-            self.watermarks.mark_committed(offsets)
-            self.metrics.commits_total.inc()
-            return offsets
-        return {}
+        return await self.offsets.commit_now()
 
     async def on_partitions_revoked(self, tps: set[Hashable]) -> None:
         """Before a rebalance takes partitions away: commit what is done, then forget them."""
-        self._generation += 1
-        try:
-            await self.commit_now()
-        finally:
-            self.watermarks.forget(tps)
-            for tp in tps:
-                self._positions.pop(tp, None)
+        await self.offsets.revoke(tps)
+
+    @property
+    def watermarks(self) -> Any:
+        return self.offsets.watermarks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,20 +41,51 @@ def now_ms() -> int:
 
 
 def dead_letter(
-    source: SourceRecord, reason_code: str, reason: str, *, request_id: str | None, worker: str
+    source: SourceRecord,
+    reason_code: str,
+    reason: str,
+    *,
+    request_id: str | None,
+    worker: str,
+    max_original_bytes: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    """A ``DeadLetter`` for ``source``. Its copy of the original value is cut to
+    ``max_original_bytes`` when longer (size and SHA-256 of the whole value are kept), so a
+    dead letter always fits where the original barely did."""
+    value = source.value
+    record = {
         "reason_code": reason_code,
         "reason": reason,
         "source_topic": source.topic,
         "source_partition": source.partition,
         "source_offset": source.offset,
         "original_key": source.key,
-        "original_value": source.value,
+        "original_value": value,
         "request_id": request_id,
         "worker": worker,
         "created_at": now_ms(),
+        "original_size": len(value) if value is not None else None,
+        "original_sha256": hashlib.sha256(value).hexdigest() if value is not None else None,
+        "original_truncated": False,
     }
+    if max_original_bytes is not None:
+        record = truncate_original(record, max_original_bytes)
+    return record
+
+
+def truncate_original(record: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """``record`` (a DeadLetter) with at most ``max_bytes`` of the original value and key."""
+    value, key = record.get("original_value"), record.get("original_key")
+    if (value is None or len(value) <= max_bytes) and (key is None or len(key) <= max_bytes):
+        return record
+    shorter = dict(record)
+    if value is not None and len(value) > max_bytes:
+        shorter["original_value"] = value[:max_bytes]
+        shorter["original_truncated"] = True
+    if key is not None and len(key) > max_bytes:
+        shorter["original_key"] = key[:max_bytes]
+        shorter["original_truncated"] = True
+    return shorter
 
 
 def result_record(

@@ -104,6 +104,19 @@ class OffsetWatermarks:
         if marks is not None:
             marks.holes.discard(hole)
 
+    def shrink_hole(self, tp: Hashable, hole: tuple[int, int], new_start: int) -> tuple[int, int]:
+        """Every record of ``hole`` below ``new_start`` was tracked: the hole now starts
+        there. Returns the hole as it is now (closed when ``new_start`` reaches its end)."""
+        marks = self._parts.get(tp)
+        start, end = hole
+        if marks is None or hole not in marks.holes or new_start <= start:
+            return hole
+        marks.holes.discard(hole)
+        if new_start < end:
+            marks.holes.add((new_start, end))
+            return (new_start, end)
+        return (end, end)
+
     def holes(self, tp: Hashable) -> list[tuple[int, int]]:
         marks = self._parts.get(tp)
         return sorted(marks.holes) if marks is not None else []

@@ -388,21 +388,26 @@ def test_compose_replicas_fit_the_partitions() -> None:
 
 
 # -- shutdown ---------------------------------------------------------------------------
-def _drain_seconds() -> float:
-    """What IntakePipeline.stop may take by default: the drain plus the final commit."""
-    params = inspect.signature(IntakePipeline.stop).parameters
-    return float(params["timeout"].default) + float(params["commit_timeout"].default)
+def _shutdown_seconds() -> float:
+    """The longest a worker takes to exit after SIGTERM by default (its watchdog)."""
+    return float(Settings().shutdown_grace_s)
+
+
+def test_the_drain_fits_in_the_shutdown_grace() -> None:
+    settings = Settings()
+    commit = float(inspect.signature(IntakePipeline.stop).parameters["commit_timeout"].default)
+    assert settings.drain_timeout_s + commit + 5 <= settings.shutdown_grace_s
 
 
 @pytest.mark.parametrize("worker_file", ["worker.yaml", "worker-gpu.yaml"])
-def test_grace_period_covers_the_drain(worker_file: str) -> None:
+def test_grace_period_covers_the_shutdown(worker_file: str) -> None:
     spec = k8s(worker_file, "Deployment")["spec"]["template"]["spec"]
-    assert spec["terminationGracePeriodSeconds"] >= _drain_seconds() + 15
+    assert spec["terminationGracePeriodSeconds"] >= _shutdown_seconds() + 5
 
 
-def test_compose_grace_period_covers_the_drain() -> None:
+def test_compose_grace_period_covers_the_shutdown() -> None:
     grace = load_one(COMPOSE)["services"]["worker"]["stop_grace_period"]
-    assert int(grace.rstrip("s")) >= _drain_seconds() + 15
+    assert int(grace.rstrip("s")) >= _shutdown_seconds() + 5
 
 
 # -- Kubernetes wiring ------------------------------------------------------------------
