@@ -125,7 +125,7 @@ NATIONAL_ID: Final = "national_id"
 DOB: Final = "dob"
 ADDRESS: Final = "address"
 # Also the priority when spans overlap: an earlier kind wins a contested span.
-KINDS: Final = (SECRET, EMAIL, IBAN, CARD, NATIONAL_ID, IP, DOB, PHONE, ADDRESS, NAME)
+KINDS: Final = (SECRET, EMAIL, IBAN, NATIONAL_ID, CARD, IP, DOB, PHONE, ADDRESS, NAME)
 
 
 def placeholder(kind: str) -> str:
@@ -231,7 +231,9 @@ _IPV6 = re.compile(
     r"[0-9A-Fa-f:]*[0-9A-Fa-f:](?:(?<=:)\d{1,3}(?:\.\d{1,3}){3})?(?:%[\w.\-]+)?(?![\w:]|\.\d)"
 )
 _VERSION_WORD = re.compile(
-    r"(?:\b(?:version|ver|release|build|rev|revision|firmware|v)\.?[\s:]*)$", re.IGNORECASE
+    r"(?:\b(?:version|ver|release|build|rev|revision|firmware|v|section|chapter|clause|"
+    r"step|figure|fig|table)\.?[\s:]*)$",
+    re.IGNORECASE,
 )
 
 
@@ -360,6 +362,9 @@ _SECRET_CUE = re.compile(
 _LONG_TOKEN = re.compile(r"(?<![\w+/\-.])[A-Za-z0-9+/_\-]{24,}={0,2}(?![\w+/\-])")
 
 
+_WORDISH = re.compile(r"[A-Z]?[a-z]{3,}")
+
+
 def _entropy(token: str) -> float:
     """Shannon entropy in bits per character."""
     counts: dict[str, int] = {}
@@ -379,6 +384,9 @@ def _looks_random(token: str) -> bool:
         and sum(c.isdigit() for c in body) >= 2
     ):
         return False
+    words = sum(len(w) for w in _WORDISH.findall(body))
+    if words >= 0.6 * len(body):
+        return False  # camelCase words with digits: an identifier (MyAppV2Config2025Build)
     return _entropy(body) >= 4.3
 
 
@@ -445,7 +453,10 @@ _FR_NIR = re.compile(
     r"(?<![\w])[12] ?\d{2} ?(?:0[1-9]|1[0-2]|[2-9]\d) ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?"
     r"(\d{2})(?![\w])"
 )
-_IN_AADHAAR = re.compile(r"(?<![\w\-])[2-9]\d{3}[ \-]?\d{4}[ \-]?\d{4}(?![\w\-])")
+# Not part of a longer digit run (a 16-digit card holds many 12-digit windows).
+_IN_AADHAAR = re.compile(
+    r"(?<![\w\-])(?<!\d[ \-])[2-9]\d{3}[ \-]?\d{4}[ \-]?\d{4}(?![\w\-])(?![ \-]\d)"
+)
 _IN_PAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{3}[PCHFATBLJG][A-Z]\d{4}[A-Z](?![A-Za-z0-9])")
 _ID_WORD = re.compile(
     r"\b(?:ssn|social\s+security(?:\s+(?:number|no\.?))?|national\s+insurance(?:\s+number)?|"
@@ -559,7 +570,7 @@ _CAPS = r"[A-ZÀ-ÖØ-Þ][\wÀ-ÿ'\-]*"
 _EN_STREET = (
     r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|"
     r"Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Close|Crescent|Gardens|Square|Sq|Mews|"
-    r"Row|Grove|Walk|Marg|Nagar|Trail"
+    r"Row|Grove|Walk|Marg|Nagar|Trail|Loop"
 )
 _ADDRESS = re.compile(
     # US / UK / IN: "1600 Pennsylvania Avenue NW", "221B Baker Street", "12 MG Road"
