@@ -38,11 +38,16 @@ def _settings() -> Settings:
 
 
 def _configure_logging(level: str) -> None:
+    from streams.log_limits import install_repeat_filter
+
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # one line per kind per 10 s for warnings and errors: a broker that is gone must not
+    # turn the log into megabytes of the same line
+    install_repeat_filter(10.0)
 
 
 # -- kafka --------------------------------------------------------------------------------
@@ -87,13 +92,25 @@ def kafka_status() -> None:
 
 # -- worker -------------------------------------------------------------------------------
 @app.command()
-def worker() -> None:
+def worker(
+    role: str | None = typer.Option(
+        None,
+        "--role",
+        help="inference | join | all (default: SLUICE_WORKER_ROLE, else all). Production runs "
+        "inference and join workers apart: each role is its own consumer group.",
+    ),
+) -> None:
     """Run a worker: consume llm.requests, run the model, publish results."""
     from streams.worker import run_worker
 
     settings = _settings()
+    if role is not None:
+        if role not in ("inference", "join", "all"):
+            err.print(f"[red]--role must be inference, join or all, not {escape(role)}[/red]")
+            raise typer.Exit(2)
+        settings = settings.model_copy(update={"worker_role": role})
     _configure_logging(settings.log_level)
-    run_worker(settings)
+    sys.exit(run_worker(settings))
 
 
 # -- send ---------------------------------------------------------------------------------
