@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 Dispatcher = MicroBatcher | InflightDispatcher
 
 COMMANDS = ("LOAD", "CANARY", "PROMOTE", "ROLLBACK")
+#: How many replaced versions ``previous`` remembers (ROLLBACK reaches back this far).
+MAX_PREVIOUS = 10
 
 
 class RolloutCommandError(SluiceError):
@@ -47,7 +49,8 @@ class RolloutState:
     """The rollout as the control topic says it is.
 
     ``None`` as a version is the worker's configured (base) model, always loaded.
-    ``previous`` is the stack of versions that PROMOTE replaced, newest last.
+    ``previous`` is the stack of versions that PROMOTE replaced, newest last, at most
+    :data:`MAX_PREVIOUS` of them (the oldest is forgotten).
     """
 
     current: str | None = None
@@ -81,7 +84,8 @@ class RolloutState:
         if verb == "PROMOTE":
             if self.candidate is None:
                 raise RolloutCommandError("no candidate loaded: nothing to promote")
-            return RolloutState(current=self.candidate, previous=(*self.previous, self.current))
+            previous = (*self.previous, self.current)[-MAX_PREVIOUS:]
+            return RolloutState(current=self.candidate, previous=previous)
         if verb == "ROLLBACK":
             if self.candidate is not None:
                 return replace(self, candidate=None, canary_percent=0)

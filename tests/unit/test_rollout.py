@@ -16,6 +16,7 @@ from inference.registry import InvalidModelFolderError, ModelRegistry, UnknownVe
 from inference.types import Completion, GenerationRequest, Sampling
 from streams.engines import build_engine, settings_for_version, version_loader
 from streams.rollout import (
+    MAX_PREVIOUS,
     ModelRouter,
     RolloutCommandError,
     RolloutState,
@@ -169,6 +170,18 @@ def test_fold_of_a_history() -> None:
     )
     assert fold([]) == RolloutState()
     assert fold([ROLLBACK], RolloutState(current="v1", previous=(None,))) == RolloutState()
+
+
+def test_previous_remembers_the_last_ten_promotions() -> None:
+    history = [c for i in range(1, 13) for c in (load(f"v{i}"), PROMOTE)]
+    state = fold(history)
+    assert state.current == "v12"
+    assert MAX_PREVIOUS == 10
+    assert state.previous == tuple(f"v{i}" for i in range(2, 12)), "None and v1 forgotten"
+    state = fold([ROLLBACK] * 10, state)
+    assert state == RolloutState(current="v2")
+    with pytest.raises(RolloutCommandError, match="nothing to roll back"):
+        state.transition(ROLLBACK)
 
 
 def test_without_takes_unloadable_versions_out() -> None:
