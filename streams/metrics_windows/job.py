@@ -295,7 +295,12 @@ def add_metrics_job(
 
 
 async def read_latest(
-    bootstrap: str, topic: str, key: bytes, client_options: Mapping[str, Any]
+    bootstrap: str,
+    topic: str,
+    key: bytes,
+    client_options: Mapping[str, Any],
+    *,
+    timeout_s: float = 60.0,
 ) -> bytes | None:
     """The last value of ``key`` on ``topic`` (up to its end when called), or None."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -303,7 +308,13 @@ async def read_latest(
     from streams.kafka_clients import stop_consumer, topic_partitions
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client_options
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        # "earliest", not the default: with "latest", the reset that assign() starts can win
+        # over seek_to_beginning() and the records are never returned (aiokafka 0.14)
+        auto_offset_reset="earliest",
+        **client_options,
     )
     await consumer.start()
     try:
@@ -314,18 +325,21 @@ async def read_latest(
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
         latest: bytes | None = None
+        # Done when the last record before the end was returned (the last record of a
+        # compacted topic is in its active segment, which is never cleaned).
         remaining = {tp for tp in tps if ends[tp] > 0}
+        give_up = asyncio.get_running_loop().time() + timeout_s
         while remaining:
-            batches = await consumer.getmany(*remaining, timeout_ms=1000)
+            if asyncio.get_running_loop().time() > give_up:
+                raise TimeoutError(f"could not read {topic} up to {ends} in {timeout_s} s")
+            batches = await consumer.getmany(*remaining, timeout_ms=500)
             for tp, records in batches.items():
                 for record in records:
                     if record.offset < ends[tp] and record.key == key:
                         latest = record.value
                 if records and records[-1].offset + 1 >= ends[tp]:
                     remaining.discard(tp)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
+        logger.debug("%s: read up to %s, value %s", topic, ends, "found" if latest else "absent")
         return latest
     finally:
         await stop_consumer(consumer)
