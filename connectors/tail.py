@@ -1,4 +1,8 @@
-"""``sluice tail TOPIC``: print decoded records of any Sluice topic, the DLQ included."""
+"""``sluice tail TOPIC``: print decoded records of any Sluice topic, the DLQ included.
+
+Records are printed as one JSON object per line, except ``MetricsWindow`` records (on
+``llm.metrics``), which get one readable line per window (:func:`format_window`).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -64,6 +69,9 @@ async def tail(
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
+        # the reset that assign() starts must agree with the seek below: with "latest", it
+        # can win over seek_to_beginning() and -b prints nothing (aiokafka 0.14)
+        auto_offset_reset="earliest" if from_beginning else "latest",
         **(client_options or {}),
     )
     await consumer.start()
@@ -106,4 +114,54 @@ async def tail(
 
 
 def format_line(entry: dict[str, Any]) -> str:
+    """One line for a tailed record: a readable summary for a ``MetricsWindow``, else JSON."""
+    value = entry.get("value")
+    if isinstance(value, dict) and value.get("_schema") == "MetricsWindow":
+        return format_window(value)
     return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def format_window(window: dict[str, Any]) -> str:
+    """One line per window, e.g.
+    ``2026-12-01T10:00:00Z 10s smollm2/v1 req 12 (OK 11 ERROR 1) dlq 0 p50 812ms p99 2.1s
+    tok/s 38.4 batch 3.2/8 feedback 2 (+0.50)``."""
+    start = datetime.fromtimestamp(window.get("window_start", 0) / 1000, tz=UTC)
+    model = window.get("model") or "(no model)"
+    version = window.get("model_version") or "-"
+    parts = [
+        start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        f"{window.get('length_s', 0)}s",
+        f"{model}/{version}",
+    ]
+    if window.get("tenant"):
+        parts.append(f"tenant {window['tenant']}")
+    if window.get("correction"):
+        parts.append(f"CORRECTION +{window.get('late_records', 0)} late")
+    requests = window.get("requests") or {}
+    by_status = " ".join(f"{k} {v}" for k, v in sorted(requests.items()))
+    parts.append(
+        f"req {window.get('requests_total', 0)}" + (f" ({by_status})" if by_status else "")
+    )
+    dead = window.get("dead_letters") or {}
+    by_reason = " ".join(f"{k} {v}" for k, v in sorted(dead.items()))
+    parts.append(
+        f"dlq {window.get('dead_letters_total', 0)}" + (f" ({by_reason})" if by_reason else "")
+    )
+    total = (window.get("latency") or {}).get("total") or {}
+    parts.append(f"p50 {_ms(total.get('p50_ms'))} p99 {_ms(total.get('p99_ms'))}")
+    parts.append(f"tok/s {window.get('tokens_per_s', 0.0):.1f}")
+    mean = window.get("batch_size_mean")
+    if mean is not None:
+        parts.append(f"batch {mean:.1f}/{window.get('batch_size_max', 0)}")
+    score = window.get("feedback_mean_score")
+    feedback = f"feedback {window.get('feedback_count', 0)}"
+    parts.append(feedback + (f" ({score:+.2f})" if score is not None else ""))
+    return " ".join(parts)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1000:
+        return f"{value / 1000:.2f}s"
+    return f"{value:.0f}ms" if value >= 10 else f"{value:.1f}ms"

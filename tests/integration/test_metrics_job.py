@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from connectors.tail import format_line, tail
 from schemas.codec import AvroCodec
 from streams.app import faust_app
 from streams.metrics import WorkerMetrics
@@ -198,3 +199,20 @@ async def test_windows_counted_once_across_a_restart_and_late_records_corrected(
     assert {w["length_s"] for w in corrections} == {10, 60}
     assert all(w["requests"] == {"OK": 1} and w["late_records"] == 1 for w in corrections)
     assert all(w["worker"] == "metrics-test" for w in by_id.values())
+
+    # `sluice tail llm.metrics -b --no-follow`: one readable line per window
+    lines: list[str] = []
+    count = await tail(
+        settings.kafka_bootstrap,
+        settings.metrics_topic,
+        AvroCodec.default(),
+        lambda entry: lines.append(format_line(entry)),
+        from_beginning=True,
+        follow=False,
+        idle_exit_s=1.0,
+    )
+    assert count == len(windows) == len(lines)
+    first_line = next(line for line in lines if " 10s m/v1 req 8 " in line)
+    assert "(ERROR 2 OK 6)" in first_line and "p50 50ms" in first_line
+    assert "tok/s 6.4" in first_line and "feedback 3 (+0.33)" in first_line
+    assert sum("CORRECTION +1 late" in line for line in lines) == 2

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from connectors.tail import describe_value, format_line
 from schemas.codec import AvroCodec
 from streams.metrics_windows import QuantileSketch, Source, WindowAggregator, WindowConfig
 from streams.metrics_windows.job import MetricsJob, decode_state, state_topic
@@ -523,3 +524,33 @@ def test_a_failed_publish_commits_nothing_and_the_restored_job_publishes_again()
         assert again.aggregator is not None and again.aggregator.counts["duplicates"] == 1
 
     asyncio.run(run())
+
+
+def test_tail_prints_one_readable_line_per_window() -> None:
+    codec = AvroCodec.default()
+    agg, _ = aggregator(rollup_s=0)
+    for i, total in enumerate([800.0, 900.0, 2500.0]):
+        agg.add_result(result(BASE + i, total=total, rid=f"q{i}", batch=2 + i))
+    agg.add_result(result(BASE + 5, status="ERROR", total=5.0))
+    agg.add_feedback(feedback(BASE + 6, "q0", 1))
+    agg.add_dead_letter(dead(BASE + 7))
+    agg.add_result(result(BASE + 15_000))
+    agg.add_result(result(BASE + 8, rid="late"))
+    agg.add_result(result(BASE + 40_000))
+    lines = {}
+    for record in agg.outbox:
+        entry = {"partition": 0, "offset": 0, "key": "m"}
+        entry["value"] = describe_value(codec, codec.encode("MetricsWindow", record))
+        lines[record["window_id"]] = format_line(entry)
+    assert lines[f"10s:{BASE}:m:v1:"] == (
+        # totals 5 800 900 2500: p50 = 800, p99 = 900 (lower quantiles), within 1 %
+        "2027-01-15T08:00:00Z 10s m/v1 req 4 (ERROR 1 OK 3) dlq 0 p50 804ms p99 907ms "
+        "tok/s 4.0 batch 3.2/4 feedback 1 (+1.00)"
+    )
+    assert lines[f"10s:{BASE}:::"].startswith(
+        "2027-01-15T08:00:00Z 10s (no model)/- req 0 dlq 1 (bad_sampling 1) p50 - p99 -"
+    )
+    correction = next(v for k, v in lines.items() if "correction@" in k)
+    assert " m/v1 CORRECTION +1 late req 1 (OK 1) " in correction
+    other = format_line({"partition": 0, "offset": 1, "key": None, "value": {"_schema": "X"}})
+    assert json.loads(other)["value"] == {"_schema": "X"}
