@@ -96,8 +96,8 @@ def worker(
     role: str | None = typer.Option(
         None,
         "--role",
-        help="inference | join | all (default: SLUICE_WORKER_ROLE, else all). Production runs "
-        "inference and join workers apart: each role is its own consumer group.",
+        help="inference | join | metrics | all (default: SLUICE_WORKER_ROLE, else all). "
+        "Production runs the roles apart: each role is its own consumer group.",
     ),
 ) -> None:
     """Run a worker: consume llm.requests, run the model, publish results."""
@@ -105,8 +105,10 @@ def worker(
 
     settings = _settings()
     if role is not None:
-        if role not in ("inference", "join", "all"):
-            err.print(f"[red]--role must be inference, join or all, not {escape(role)}[/red]")
+        if role not in ("inference", "join", "metrics", "all"):
+            err.print(
+                f"[red]--role must be inference, join, metrics or all, not {escape(role)}[/red]"
+            )
             raise typer.Exit(2)
         settings = settings.model_copy(update={"worker_role": role})
     _configure_logging(settings.log_level)

@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas.codec import AvroCodec, codec_from_registry_url
-from schemas.errors import SchemaError, SluiceError
+from schemas.errors import RegistryError, SchemaError, SluiceError
 from streams.bootstrap import resolve_bootstrap
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.settings import Settings
@@ -291,7 +291,7 @@ class SluiceClient:
     def _dispatch(self, topic: str, value: bytes | None) -> None:
         try:
             name, record = self.codec.decode(value)
-        except SchemaError as exc:
+        except (SchemaError, RegistryError) as exc:
             logger.warning("undecodable record on %s: %s", topic, exc)
             return
         if name == "DeadLetter":

@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import AvroCodec
-from schemas.errors import SchemaError
+from schemas.errors import RegistryError, SchemaError
 from streams.kafka_clients import stop_consumer, topic_partitions
 
 
@@ -24,7 +24,7 @@ def describe_value(codec: AvroCodec, value: bytes | None) -> dict[str, Any]:
     """A JSON-friendly view of a record value: decoded if we can, else why not."""
     try:
         name, record = codec.decode(value)
-    except SchemaError as exc:
+    except (SchemaError, RegistryError) as exc:
         return {"_undecodable": str(exc), "_bytes": _preview(value)}
     return {"_schema": name, **{k: _jsonable(v) for k, v in record.items()}}
 

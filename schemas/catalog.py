@@ -103,9 +103,17 @@ class SchemaCatalog:
     def default(cls) -> SchemaCatalog:
         """A fresh catalog of the ``.avsc`` files shipped in ``schemas/avro``."""
         folder = resources.files("schemas").joinpath("avro")
-        return cls._from_traversables(
+        catalog = cls._from_traversables(
             [entry for entry in folder.iterdir() if entry.name.endswith(".avsc")], str(folder)
         )
+        # Earlier versions of shipped records: known by id only, so what was written with
+        # them stays readable (the current version of each name is the one above).
+        previous = folder.joinpath("previous")
+        if previous.is_dir():
+            for entry in sorted(previous.iterdir(), key=lambda e: e.name):
+                if entry.name.endswith(".avsc"):
+                    catalog.add(json.loads(entry.read_text(encoding="utf-8")))
+        return catalog
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> SchemaCatalog:

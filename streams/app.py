@@ -61,6 +61,14 @@ def build_app(
     role = settings.worker_role
     if role == "join":
         settings = settings.model_copy(update={"app_id": join_group(settings)})
+    if role == "metrics":
+        from streams.metrics import WorkerMetrics
+        from streams.metrics_windows.job import add_metrics_job
+
+        settings = settings.model_copy(update={"app_id": f"{settings.app_id}-metrics"})
+        app = faust_app(settings, bootstrap, web_port=web_port)
+        add_metrics_job(app, settings, _codec(settings), WorkerMetrics(CollectorRegistry()))
+        return app
     app = faust_app(settings, bootstrap, web_port=web_port)
     if role in ("join", "all") and settings.feedback_join:
         from streams.feedback_join import add_feedback_join

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError, SluiceError
+from schemas.registry import adecode
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.rollout import RolloutState
 
@@ -147,7 +148,7 @@ class ControlListener:
         for records in batches.values():
             for record in records:
                 try:
-                    _, command = self._codec.decode(record.value, expected="ControlCommand")
+                    _, command = await adecode(self._codec, record.value, expected="ControlCommand")
                 except SchemaError as exc:
                     logger.warning(
                         "skipping undecodable control record @%d: %s", record.offset, exc

@@ -125,6 +125,12 @@ class WorkerMetrics:
             "Requests the engine could not take (overloaded, transient error), run again.",
             registry=registry,
         )
+        self.model_load_failures_total = Counter(
+            "sluice_model_load_failures_total",
+            "Model versions a rollout asked for that failed to load (not served).",
+            ["version"],
+            registry=registry,
+        )
         self.engine_healthy = Gauge(
             "sluice_engine_healthy",
             "1 while the engine serves; 0 once it died (the worker then exits non-zero).",

@@ -33,7 +33,8 @@ from inference.errors import BatcherClosedError, InvalidRequestError
 from inference.inflight import InflightDispatcher
 from inference.types import BatchOutcome, Completion, GenerationRequest
 from schemas.codec import AvroCodec
-from schemas.errors import SchemaError
+from schemas.errors import RegistryError, SchemaError
+from schemas.registry import adecode
 from streams.admission import Admission, AdmissionLimits
 from streams.dedup import AnsweredIndex
 from streams.log_limits import RateLimitedLogger
@@ -93,14 +94,15 @@ class IntakePipeline:
         self._on_fatal = on_fatal
         self.offsets = OffsetKeeper(holes=holes, metrics=metrics)
         self.outbox = Outbox(self._delivered, self._undeliverable, metrics=metrics)
-        self.router = ModelRouter(Route(None, engine, self._dispatcher_for(engine)), self._route)
+        self.router = ModelRouter(
+            Route(None, engine, self._dispatcher_for(engine)),
+            self._route,
+            on_load_error=self._load_failed,
+        )
         self.admission = Admission(
-            AdmissionLimits(
-                settings.max_prompt_chars,
-                settings.max_prompt_tokens,
-                settings.max_new_tokens_limit,
-            ),
+            AdmissionLimits.from_settings(settings),
             served_models=lambda: {engine.model_name},
+            special_tokens=engine.special_tokens,
             # tokenize once, with the engine the route chose (see _take)
             encode=lambda p, s, r: self._tokenizer.encode_prompt(p, system=s, raw=r),
         )
@@ -254,11 +256,15 @@ class IntakePipeline:
         attempt = 0
         while True:
             try:
-                _, record = self.codec.decode(source.value, expected="InferenceRequest")
+                _, record = await adecode(self.codec, source.value, expected="InferenceRequest")
                 return record
-            except SchemaError as exc:
-                if not getattr(exc, "retriable", False):
-                    self._dead_letter([source], exc.reason_code, str(exc), request_id=None)
+            except SchemaError as exc:  # the record's own fault: never retried
+                self._dead_letter([source], exc.reason_code, str(exc), request_id=None)
+                return None
+            except RegistryError as exc:
+                if not exc.retriable:  # credentials, settings, a wrong URL: no record's fault
+                    self._abandon([source])
+                    self._fatal(exc)
                     return None
                 attempt += 1
                 self._log.warning(
@@ -323,6 +329,9 @@ class IntakePipeline:
         await dispatcher.start()
         self._mark_serving(engine)
         return Route(version, engine, dispatcher)
+
+    def _load_failed(self, version: str | None, error: BaseException) -> None:
+        self.metrics.model_load_failures_total.labels(version=str(version)).inc()
 
     def _mark_serving(self, engine: Engine) -> None:
         self.metrics.model_info.labels(model=engine.model_name, version=engine.model_version).set(1)

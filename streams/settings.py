@@ -174,10 +174,11 @@ class Settings(BaseSettings):
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name on results and metrics.",
     )
-    worker_role: Literal["all", "inference", "join"] = Field(
+    worker_role: Literal["all", "inference", "join", "metrics"] = Field(
         "all",
         description="inference: answer requests; join: the feedback join only (its own "
-        "consumer group, <app_id>-join); all: both in one group (the demo).",
+        "consumer group, <app_id>-join); metrics: the llm.metrics windows (<app_id>-metrics, "
+        "one worker); all: inference and join in one group (the demo).",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM: how long accepted requests may take to finish."

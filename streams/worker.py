@@ -68,7 +68,7 @@ class _Watchdog:
         os._exit(EXIT_GRACE_EXCEEDED)
 
 
-class SluiceWorker(faust.Worker):
+class Worker(faust.Worker):
     """Faust's worker with a bounded shutdown (see the module docstring)."""
 
     def __init__(self, *args: object, watchdog: _Watchdog, **kwargs: object) -> None:
@@ -98,7 +98,7 @@ def run_worker(settings: Settings) -> int:
     producer = OutboxProducer(bootstrap, settings.kafka_client_options())
     app = build_app(settings, pipeline, bootstrap, web_port=_free_port(), producer=producer)
     watchdog = _Watchdog(settings.shutdown_grace_s)
-    worker = SluiceWorker(app, loop=loop, loglevel=settings.log_level, watchdog=watchdog)
+    worker = Worker(app, loop=loop, loglevel=settings.log_level, watchdog=watchdog)
     logger.info(
         "worker %s (role %s) consuming from %s",
         settings.worker_id,

@@ -54,6 +54,11 @@ class Engine(abc.ABC):
         return outcome
 
     @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens (admission refuses prompts made of them)."""
+        return ()
+
+    @property
     def is_healthy(self) -> bool:
         """False once the engine hit an error it cannot recover from."""
         return self.dead_error is None

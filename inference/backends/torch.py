@@ -139,6 +139,18 @@ class TorchEngine(Engine):
         return frozenset(ids)
 
     # -- prompts -----------------------------------------------------------------------
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """``all_special_tokens`` plus the added tokens marked special (SmolLM2's
+        ``<repo_name>``, ``<filename>``, ... are only there)."""
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            return ()
+        found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        found.update(t.content for t in added.values() if getattr(t, "special", False))
+        return tuple(sorted(found))
+
     def encode_prompt(self, prompt: str, *, system: str | None, raw: bool) -> list[int]:
         return encode_prompt(self._tokenizer, prompt, system=system, raw=raw)
 

@@ -36,7 +36,12 @@ async def read_topic(
     or ``timeout`` passes. Records carry ``_partition``/``_offset``/``_key``."""
     codec = codec or AvroCodec.default()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        # aiokafka 0.14: with the default "latest" reset, a reset racing seek_to_beginning
+        # after assign() can win, and nothing is read
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     records: list[dict[str, Any]] = []

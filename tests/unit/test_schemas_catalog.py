@@ -22,6 +22,7 @@ RECORDS = [
     "FeedbackEvent",
     "InferenceRequest",
     "InferenceResult",
+    "MetricsWindow",
     "TrainingExample",
 ]
 
