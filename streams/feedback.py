@@ -221,9 +221,10 @@ class FeedbackJoiner:
             latest = min(_latest_ms(entry), ceiling)
             self._clock[partition] = max(self._clock.get(partition, 0), latest)
         logger.info(
-            "feedback join: %d timers rebuilt on partitions %s",
+            "feedback join: %d timers rebuilt (partitions %s), %d entries elsewhere",
             sum(len(t.due) for t in self._timers.values()),
-            sorted(self._timers),
+            "all" if partitions is None else sorted(partitions),
+            len(foreign),
         )
         return foreign
 
