@@ -33,6 +33,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+def _with_durability(configs: dict[str, str], replication_factor: int) -> dict[str, str]:
+    """With replicas, an ``acks=all`` write must reach at least two of them: one broker's
+    loss never loses an acknowledged result (``min.insync.replicas`` = 2, or 1 with RF 1)."""
+    if replication_factor > 1 and "min.insync.replicas" not in configs:
+        return {**configs, "min.insync.replicas": "2"}
+    return configs
+
+
 async def ensure_topics(settings: Settings, bootstrap: str) -> list[str]:
     """Create missing topics (idempotent). Returns the names it created."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -53,7 +61,7 @@ async def ensure_topics(settings: Settings, bootstrap: str) -> list[str]:
                         s.name,
                         num_partitions=s.partitions,
                         replication_factor=settings.replication_factor,
-                        topic_configs=s.configs,
+                        topic_configs=_with_durability(s.configs, settings.replication_factor),
                     )
                     for s in missing
                 ]
