@@ -27,7 +27,6 @@ Every stored value is bounded by ``max_entry_bytes`` (see :func:`fit_entry`).
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
@@ -97,8 +96,13 @@ class FeedbackJoiner:
         clock_skew_ms: int = 60_000,
         wall_clock: Callable[[], int] = wall_ms,
         on_outcome: Callable[[str], None] | None = None,
+        pseudonymize: Callable[[str | None], str | None] | None = None,
     ) -> None:
+        """``pseudonymize`` turns a user id into its keyed pseudonym (every id, see
+        :class:`streams.redaction.Pseudonymizer`); the default, for tests, is a keyed HMAC
+        with a throwaway key."""
         self.table = table
+        self.pseudonymize = pseudonymize or _throwaway_pseudonymizer()
         self.redactor = redactor
         self.window_ms = window_ms
         self.wait_ms = wait_ms
@@ -368,7 +372,7 @@ class FeedbackJoiner:
             "score": feedback["score"],
             "label": feedback.get("label"),
             "correction": clean(feedback.get("correction")),
-            "user": _pseudonymous(feedback.get("user")),
+            "user": self.pseudonymize(feedback.get("user")),
             "model": result.get("model") or request.get("model", ""),
             "model_version": result.get("model_version", ""),
             "max_new_tokens": request.get("max_new_tokens", 64),
@@ -531,10 +535,9 @@ def _cut(text: str, max_bytes: int) -> str:
     return head + TRUNCATED
 
 
-def _pseudonymous(user: str | None) -> str | None:
-    """Keep ids that look pseudonymous; hash anything that looks like an email or a name."""
-    if not user:
-        return None
-    if "@" in user or " " in user.strip():
-        return "u-" + hashlib.sha256(user.encode()).hexdigest()[:16]
-    return user
+def _throwaway_pseudonymizer() -> Callable[[str | None], str | None]:
+    import secrets
+
+    from streams.redaction import Pseudonymizer
+
+    return Pseudonymizer(secrets.token_bytes(32)).pseudonym

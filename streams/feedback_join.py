@@ -19,7 +19,7 @@ from schemas.errors import SchemaError
 from streams.feedback import Emit, FeedbackJoiner
 from streams.metrics import WorkerMetrics
 from streams.records import SourceRecord, dead_letter, source_record
-from streams.redaction import Redactor
+from streams.redaction import Pseudonymizer, Redactor
 from streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def add_feedback_join(
         max_entry_bytes=settings.feedback_max_entry_bytes,
         clock_skew_ms=settings.feedback_clock_skew_ms,
         on_outcome=on_outcome,
+        pseudonymize=Pseudonymizer.from_settings(settings).pseudonym,
     )
 
     @table.on_recover

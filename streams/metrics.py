@@ -31,7 +31,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class WorkerMetrics:
-    """The metric names of DESIGN.md, prefixed ``sluice_``."""
+    """The worker's metrics (listed in the README), prefixed ``sluice_``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry

@@ -6,7 +6,7 @@ as Kubernetes exec probes.
     python probe.py ready   # /metrics answers and a model is being served (sluice_model_info 1)
     python probe.py live    # /metrics answers and the intake is not stalled
 
-``live`` is what "agents can die without a sound" (FAUST_NOTES.md) calls for: a Faust agent
+``live`` is what "agents can die without a sound" (docs/delivery.md) calls for: a Faust agent
 that stopped leaves the process, and its /metrics thread, running. The probe remembers
 ``sluice_commits_total`` between runs (in ``--state``); when the worker reports consumer lag
 but has not committed anything for ``--stall-seconds``, the worker is declared dead and the
