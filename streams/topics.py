@@ -1,4 +1,4 @@
-"""The topics Sluice uses (README, "Topics and schemas"), their partitions and configs, and creating them."""
+"""The topics Sluice uses, their partitions and configs, and creating them."""
 
 from __future__ import annotations
 
