@@ -37,10 +37,24 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) that signed the brokers' certificates (SSL/SASL_SSL)."
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS; may also hold the key."
+    )
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client key (PEM) for mutual TLS.")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted kafka_ssl_keyfile."
+    )
     schema_registry_url: str | None = Field(
         None, description="Confluent Schema Registry. Unset: ids from the local .avsc catalog."
     )
+    schema_registry_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) for an https Schema Registry."
+    )
+    schema_registry_username: str | None = Field(None, description="Registry basic auth user.")
+    schema_registry_password: SecretStr | None = None
 
     app_id: str = Field("sluice", description="Faust app id = the workers' consumer group.")
     requests_topic: str = "llm.requests"
@@ -194,21 +208,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     def kafka_client_options(self) -> dict[str, Any]:
-        """Security options for aiokafka clients (empty for PLAINTEXT)."""
-        opts: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
-        if self.kafka_sasl_mechanism:
-            opts["sasl_mechanism"] = self.kafka_sasl_mechanism
-        if self.kafka_sasl_username:
-            opts["sasl_plain_username"] = self.kafka_sasl_username
-        if self.kafka_sasl_password:
-            opts["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
-        if self.kafka_ssl_cafile or self.kafka_security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
+        """Security options for aiokafka clients (``streams.security``: TLS context, SASL)."""
+        from streams.security import aiokafka_options
 
-            opts["ssl_context"] = create_ssl_context(
-                cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
-            )
-        return opts
+        return aiokafka_options(self)
 
     @property
     def model_cache_dir(self) -> Path:
