@@ -14,20 +14,35 @@
 The broker runs detached from the Python process (its own session), so ``sluice kafka up``
 can return while the broker keeps running; ``down()`` stops it again. ``up()`` only returns
 once the broker answers real Kafka requests (ApiVersions, then Metadata listing itself).
+
+``LocalKafka(home, secure=True)`` (``sluice kafka up --secure``) is a second broker with its
+state in ``home/"kafka"/"secure-broker"/``: one SASL_SSL listener (SCRAM-SHA-512, TLS with a
+CA and broker certificate generated on first start, ``security/``), SCRAM users created at
+format time for the broker itself and the three Sluice principals (workers, producers,
+operators; passwords generated once, ``security/credentials.json``), the KRaft
+``StandardAuthorizer`` with the ACL set of :mod:`deploy.security.acls`, and the settings each
+principal needs written to ``home/"secure.env"`` (workers), ``producer.env`` and
+``operator.env``. Its readiness probe is ApiVersions over TLS, then the ACLs are created with
+the broker's own (super user) credentials, which also proves SASL works.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import fcntl
 import json
 import logging
 import os
 import re
+import secrets
+import shlex
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import tempfile
@@ -39,6 +54,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from deploy.security.acls import Principals, SluiceResources, create_acls, sluice_acls
 from schemas.errors import SluiceError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +64,8 @@ DEFAULT_KAFKA_VERSION = "4.4.0"
 _KAFKA_DIR = Path(__file__).resolve().parent / "kafka"
 POM_FILE = _KAFKA_DIR / "pom.xml"
 SERVER_PROPERTIES_TEMPLATE = _KAFKA_DIR / "server.properties.template"
+LISTENERS_PLAIN_TEMPLATE = _KAFKA_DIR / "listeners-plain.properties.template"
+LISTENERS_SECURE_TEMPLATE = _KAFKA_DIR / "listeners-secure.properties.template"
 LOG4J2_CONFIG = _KAFKA_DIR / "log4j2.properties"
 
 _MARKER = ".complete"
@@ -58,6 +76,12 @@ _ROTATE_LOG_BYTES = 50 * 1024 * 1024
 _FETCH_TIMEOUT_S = 900.0
 _FORMAT_TIMEOUT_S = 120.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SCRAM_MECHANISM = "SCRAM-SHA-512"
+_ADMIN_USER = "sluice-admin"
+_BROKER_CN = "sluice-broker"
+_ACL_TIMEOUT_S = 60.0
+#: The env file each principal's settings are written to, under ``home``.
+ENV_FILES = {"worker": "secure.env", "producer": "producer.env", "operator": "operator.env"}
 
 Progress = Callable[[str], None]
 
@@ -77,6 +101,7 @@ class BrokerInfo:
     kafka_version: str
     state_dir: Path
     log_file: Path
+    secure: bool = False
 
 
 class LocalKafka:
@@ -90,16 +115,24 @@ class LocalKafka:
         heap: str = "512m",
         cache_dir: Path | None = None,
         port_wait: float = 15.0,
+        *,
+        secure: bool = False,
+        acl_resources: SluiceResources | None = None,
+        principals: Principals | None = None,
     ) -> None:
         self.home = Path(home).expanduser().resolve()
         self.kafka_version = kafka_version
         self.port = port
         self.heap = heap
         self.port_wait = port_wait
+        self.secure = secure
+        self.acl_resources = acl_resources or SluiceResources()
+        self.principals = principals or Principals()
         base = self.home / "kafka"
         self.cache_dir = Path(cache_dir).expanduser().resolve() if cache_dir else base
-        self.state_dir = base / "broker"
-        self._lock_file = base / "broker.lock"
+        name = "secure-broker" if secure else "broker"
+        self.state_dir = base / name
+        self._lock_file = base / f"{name}.lock"
         self._proc: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ paths
@@ -131,6 +164,28 @@ class LocalKafka:
     @property
     def log_file(self) -> Path:
         return self.state_dir / "broker.log"
+
+    @property
+    def security_dir(self) -> Path:
+        """Secure broker: the CA, the broker's key and certificate, the SCRAM passwords."""
+        return self.state_dir / "security"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA clients verify the secure broker with (``SLUICE_KAFKA_SSL_CAFILE``)."""
+        return self.security_dir / "ca.pem"
+
+    @property
+    def keystore_file(self) -> Path:
+        return self.security_dir / "broker-keystore.pem"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.security_dir / "credentials.json"
+
+    def env_file(self, role: str) -> Path:
+        """Where the settings of ``role`` (worker, producer, operator) are written."""
+        return self.home / ENV_FILES[role]
 
     # ------------------------------------------------------------------ fetch
 
@@ -235,6 +290,7 @@ class LocalKafka:
             kafka_version=str(info.get("kafka_version", self.kafka_version)),
             state_dir=self.state_dir,
             log_file=self.log_file,
+            secure=self.secure,
         )
 
     # ------------------------------------------------------------------ up
@@ -254,9 +310,17 @@ class LocalKafka:
             port, controller_port = self._choose_ports(progress)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             _write_json(self.ports_file, {"port": port, "controller_port": controller_port})
+            formatted = (self.data_dir / "meta.properties").is_file()
+            if self.secure:
+                if formatted and not self.credentials_file.is_file():
+                    # storage formatted without these SCRAM users: start it over
+                    _emit(progress, "secure broker storage without credentials: reformatting")
+                    shutil.rmtree(self.data_dir)
+                    formatted = False
+                self._ensure_security(progress)
             self._write_properties(port, controller_port)
             self._rotate_log()
-            if not (self.data_dir / "meta.properties").is_file():
+            if not formatted:
                 self._format(java, jars, progress)
             return self._start(java, jars, port, timeout, progress)
 
@@ -309,6 +373,9 @@ class LocalKafka:
         )
         try:
             self._wait_ready(proc.pid, port, started + timeout, started=True, log_offset=log_offset)
+            if self.secure:
+                self._apply_acls(bootstrap, started + timeout, progress)
+                self._write_env_files(bootstrap)
         except BaseException:
             self._kill(proc.pid, grace=0.0)
             self._forget_process()
@@ -320,6 +387,7 @@ class LocalKafka:
             kafka_version=self.kafka_version,
             state_dir=self.state_dir,
             log_file=self.log_file,
+            secure=self.secure,
         )
 
     def _wait_ready(
@@ -344,7 +412,12 @@ class LocalKafka:
                     f"see {self.log_file}" + self._log_tail_block(log_offset)
                 )
             try:
-                probe_broker("127.0.0.1", port, timeout=min(2.0, max(remaining, 0.1)))
+                probe_broker(
+                    "127.0.0.1",
+                    port,
+                    timeout=min(2.0, max(remaining, 0.1)),
+                    ssl_context=self._probe_context(),
+                )
                 return
             except (OSError, LocalKafkaError) as exc:
                 last_error = str(exc) or type(exc).__name__
@@ -361,6 +434,9 @@ class LocalKafka:
         """Stop the broker and delete its data, config and logs (not the jars, not the ports)."""
         with _flock(self._lock_file):
             self._down(30.0)
+            if self.secure:
+                for role in ENV_FILES:
+                    self.env_file(role).unlink(missing_ok=True)
             if not self.state_dir.exists():
                 return
             for entry in self.state_dir.iterdir():
@@ -487,15 +563,126 @@ class LocalKafka:
         return False
 
     def _write_properties(self, port: int, controller_port: int) -> None:
+        if self.secure:
+            admin_password = self._credentials()[_ADMIN_USER]
+            listeners = Template(LISTENERS_SECURE_TEMPLATE.read_text()).substitute(
+                port=port,
+                controller_port=controller_port,
+                admin_user=_ADMIN_USER,
+                admin_password=admin_password,
+                keystore=_properties_escape(str(self.keystore_file)),
+                truststore=_properties_escape(str(self.ca_file)),
+                broker_cn=_BROKER_CN,
+            )
+        else:
+            listeners = Template(LISTENERS_PLAIN_TEMPLATE.read_text()).substitute(
+                port=port, controller_port=controller_port
+            )
         template = Template(SERVER_PROPERTIES_TEMPLATE.read_text())
         text = template.substitute(
             port=port,
             controller_port=controller_port,
             data_dir=_properties_escape(str(self.data_dir)),
+            listeners=listeners,
         )
         tmp = self.properties_file.with_suffix(".tmp")
-        tmp.write_text(text)
+        # the secure broker's file holds its SCRAM password: owner only
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
         os.replace(tmp, self.properties_file)
+
+    # ------------------------------------------------------------------ secure broker
+
+    def _ensure_security(self, progress: Progress | None) -> None:
+        """Create the CA, the broker's certificate and the SCRAM passwords once."""
+        from deploy.security.certs import CertificateAuthority, write_private
+
+        if not (self.ca_file.is_file() and self.keystore_file.is_file()):
+            _emit(progress, f"generating a CA and a broker certificate in {self.security_dir}")
+            ca = CertificateAuthority.create("Sluice local CA")
+            broker = ca.issue(
+                _BROKER_CN, hosts=("127.0.0.1", "localhost"), server=True, client=True
+            )
+            # the CA's key is not kept: nothing else is ever signed with it
+            write_private(self.keystore_file, broker.key_pem + broker.cert_pem + ca.cert_pem)
+            write_private(self.ca_file, ca.cert_pem)
+            self.ca_file.chmod(0o644)
+        if not self.credentials_file.is_file():
+            users = [_ADMIN_USER, *self.principals.as_dict().values()]
+            passwords = {user: secrets.token_urlsafe(24) for user in users}
+            write_private(self.credentials_file, json.dumps(passwords, indent=2) + "\n")
+
+    def _credentials(self) -> dict[str, str]:
+        data = _read_json(self.credentials_file)
+        if not data:
+            raise LocalKafkaError(
+                f"the secure broker's credentials {self.credentials_file} are gone"
+            )
+        return {str(k): str(v) for k, v in data.items()}
+
+    def _probe_context(self) -> ssl.SSLContext | None:
+        if not self.secure:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def admin_options(self) -> dict[str, Any]:
+        """aiokafka options of the secure broker's super user (the broker's own principal):
+        for creating topics and ACLs, not for Sluice's clients."""
+        return self._client_options(_ADMIN_USER)
+
+    def _client_options(self, user: str) -> dict[str, Any]:
+        return {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": _SCRAM_MECHANISM,
+            "sasl_plain_username": user,
+            "sasl_plain_password": self._credentials()[user],
+            "ssl_context": ssl.create_default_context(cafile=str(self.ca_file)),
+        }
+
+    def client_env(self, role: str, bootstrap: str) -> dict[str, str]:
+        """The ``SLUICE_*`` settings of ``role`` (worker, producer, operator)."""
+        user = self.principals.as_dict()[role]
+        return {
+            "SLUICE_KAFKA_BOOTSTRAP": bootstrap,
+            "SLUICE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "SLUICE_KAFKA_SASL_MECHANISM": _SCRAM_MECHANISM,
+            "SLUICE_KAFKA_SASL_USERNAME": user,
+            "SLUICE_KAFKA_SASL_PASSWORD": self._credentials()[user],
+            "SLUICE_KAFKA_SSL_CAFILE": str(self.ca_file),
+        }
+
+    def _write_env_files(self, bootstrap: str) -> None:
+        from deploy.security.certs import write_private
+
+        for role in ENV_FILES:
+            env = self.client_env(role, bootstrap)
+            lines = [
+                f"# `sluice kafka up --secure`: the {role}s' principal "
+                f"({env['SLUICE_KAFKA_SASL_USERNAME']}) on the local secure broker.",
+                "# Use: set -a; . <this file>; set +a   (or SLUICE_ENV_FILE=<this file>)",
+                *(f"{key}={shlex.quote(value)}" for key, value in env.items()),
+            ]
+            write_private(self.env_file(role), "\n".join(lines) + "\n")
+
+    def _apply_acls(self, bootstrap: str, deadline: float, progress: Progress | None) -> None:
+        """Create the Sluice ACL set with the broker's credentials (idempotent)."""
+        bindings = sluice_acls(self.acl_resources, self.principals)
+        budget = max(deadline - time.monotonic(), 10.0)
+        _emit(progress, f"creating {len(bindings)} ACLs")
+        options = self.admin_options()
+        # up() is synchronous and may be called under a running event loop: its own thread
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sluice-acls") as pool:
+            future = pool.submit(
+                asyncio.run, create_acls(bootstrap, options, bindings, timeout_s=budget)
+            )
+            try:
+                future.result(timeout=budget + 5.0)
+            except Exception as exc:
+                raise LocalKafkaError(
+                    f"could not create the ACLs on the secure broker at {bootstrap}: {exc}; "
+                    f"see {self.log_file}"
+                ) from exc
 
     def _format(self, java: str, jars: Path, progress: Progress | None) -> None:
         if self.data_dir.exists():  # a partial, unformatted data dir: start it over
@@ -516,6 +703,11 @@ class LocalKafka:
             str(self.properties_file),
             "--standalone",
         ]
+        if self.secure:
+            # SCRAM users must exist before the first start: the broker's own SASL_SSL
+            # connections authenticate with one
+            for user, password in self._credentials().items():
+                cmd += ["--add-scram", f"{_SCRAM_MECHANISM}=[name={user},password={password}]"]
         try:
             result = subprocess.run(
                 cmd,
@@ -534,12 +726,19 @@ class LocalKafka:
             ) from exc
         with self.log_file.open("a") as log:
             log.write(f"==== sluice: kafka-storage format (exit {result.returncode}) ====\n")
-            log.write(result.stdout or "")
+            log.write(self._redact(result.stdout or ""))
         if result.returncode != 0 or not (self.data_dir / "meta.properties").is_file():
             raise LocalKafkaError(
                 f"formatting the broker storage in {self.data_dir} failed "
-                f"(exit code {result.returncode})" + _tail_block(result.stdout or "", 20)
+                f"(exit code {result.returncode})"
+                + _tail_block(self._redact(result.stdout or ""), 20)
             )
+
+    def _redact(self, text: str) -> str:
+        if self.secure and self.credentials_file.is_file():
+            for password in self._credentials().values():
+                text = text.replace(password, "***")
+        return text
 
     def _rotate_log(self) -> None:
         try:
@@ -568,11 +767,13 @@ def ephemeral_broker(
     heap: str = "512m",
     timeout: float = 90.0,
     progress: Progress | None = None,
+    secure: bool = False,
+    acl_resources: SluiceResources | None = None,
 ) -> Iterator[BrokerInfo]:
     """Run a broker under ``tmp_home`` for the ``with`` block; it is always stopped after.
 
     The jars come from ``cache_dir`` (default: :func:`default_cache_dir`), so throwaway homes
-    share one download.
+    share one download. ``secure``: the SASL_SSL broker (its env files under ``tmp_home``).
     """
     kafka = LocalKafka(
         tmp_home,
@@ -580,6 +781,8 @@ def ephemeral_broker(
         port=port,
         heap=heap,
         cache_dir=cache_dir if cache_dir is not None else default_cache_dir(),
+        secure=secure,
+        acl_resources=acl_resources,
     )
     try:
         yield kafka.up(timeout=timeout, progress=progress)
@@ -602,44 +805,59 @@ def default_cache_dir() -> Path:
 # ---------------------------------------------------------------------- Kafka protocol probe
 
 
-def probe_broker(host: str, port: int, timeout: float = 2.0) -> None:
+def probe_broker(
+    host: str, port: int, timeout: float = 2.0, ssl_context: ssl.SSLContext | None = None
+) -> None:
     """Raise unless a Kafka broker answers on ``host:port``.
 
     Sends ApiVersions (v0, which every broker answers) and then, when the broker supports a
     non-flexible version of it, a Metadata request that must list a broker on ``port``.
+    With ``ssl_context`` (a TLS listener that also wants SASL) the connection is TLS and
+    only ApiVersions is asked: everything else needs authentication first.
     """
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.settimeout(timeout)
-        body = _request(sock, api_key=18, api_version=0, correlation_id=1, payload=b"")
-        error_code, count = struct.unpack_from(">hi", body, 0)
-        # 35 = UNSUPPORTED_VERSION, which still comes with the list of supported versions.
-        if error_code not in (0, 35):
-            raise LocalKafkaError(f"ApiVersions answered with error code {error_code}")
-        versions: dict[int, tuple[int, int]] = {}
-        for i in range(count):
-            key, low, high = struct.unpack_from(">hhh", body, 6 + 6 * i)
-            versions[key] = (low, high)
-        low, high = versions.get(3, (0, -1))
-        usable = [v for v in range(4, 9) if low <= v <= high]
-        if not usable:
-            return  # only flexible Metadata versions: ApiVersions has to do
-        version = max(usable)
-        payload = struct.pack(">ib", -1, 0)  # all topics, no auto-creation
-        if version >= 8:
-            payload += struct.pack(">bb", 0, 0)  # no authorized-operations
-        body = _request(sock, api_key=3, api_version=version, correlation_id=2, payload=payload)
-        _throttle, brokers = struct.unpack_from(">ii", body, 0)
-        offset = 8
-        ports = []
-        for _ in range(brokers):
-            (_node,) = struct.unpack_from(">i", body, offset)
-            (host_len,) = struct.unpack_from(">h", body, offset + 4)
-            offset += 6 + host_len
-            (broker_port, rack_len) = struct.unpack_from(">ih", body, offset)
-            offset += 6 + max(rack_len, 0)
-            ports.append(broker_port)
-        if port not in ports:
-            raise LocalKafkaError(f"Metadata lists no broker on port {port} yet (brokers: {ports})")
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
+        raw.settimeout(timeout)
+        sock = raw
+        if ssl_context is not None:
+            sock = stack.enter_context(ssl_context.wrap_socket(raw, server_hostname=host))
+        _probe(sock, port, api_versions_only=ssl_context is not None)
+
+
+def _probe(sock: socket.socket, port: int, *, api_versions_only: bool) -> None:
+    """ApiVersions, then (unless ``api_versions_only``) Metadata listing ``port``."""
+    body = _request(sock, api_key=18, api_version=0, correlation_id=1, payload=b"")
+    error_code, count = struct.unpack_from(">hi", body, 0)
+    # 35 = UNSUPPORTED_VERSION, which still comes with the list of supported versions.
+    if error_code not in (0, 35):
+        raise LocalKafkaError(f"ApiVersions answered with error code {error_code}")
+    versions: dict[int, tuple[int, int]] = {}
+    for i in range(count):
+        key, low, high = struct.unpack_from(">hhh", body, 6 + 6 * i)
+        versions[key] = (low, high)
+    if api_versions_only:
+        return
+    low, high = versions.get(3, (0, -1))
+    usable = [v for v in range(4, 9) if low <= v <= high]
+    if not usable:
+        return  # only flexible Metadata versions: ApiVersions has to do
+    version = max(usable)
+    payload = struct.pack(">ib", -1, 0)  # all topics, no auto-creation
+    if version >= 8:
+        payload += struct.pack(">bb", 0, 0)  # no authorized-operations
+    body = _request(sock, api_key=3, api_version=version, correlation_id=2, payload=payload)
+    _throttle, brokers = struct.unpack_from(">ii", body, 0)
+    offset = 8
+    ports = []
+    for _ in range(brokers):
+        (_node,) = struct.unpack_from(">i", body, offset)
+        (host_len,) = struct.unpack_from(">h", body, offset + 4)
+        offset += 6 + host_len
+        (broker_port, rack_len) = struct.unpack_from(">ih", body, offset)
+        offset += 6 + max(rack_len, 0)
+        ports.append(broker_port)
+    if port not in ports:
+        raise LocalKafkaError(f"Metadata lists no broker on port {port} yet (brokers: {ports})")
 
 
 def _request(
