@@ -51,38 +51,66 @@ def _configure_logging(level: str) -> None:
 
 
 # -- kafka --------------------------------------------------------------------------------
-@kafka_app.command("up")
-def kafka_up() -> None:
-    """Fetch (once), format (once) and start the local broker; print its bootstrap address."""
+_SECURE_OPTION = typer.Option(
+    False,
+    "--secure",
+    help="The secure local broker: SASL_SSL only (SCRAM-SHA-512), ACLs; writes "
+    "$SLUICE_HOME/secure.env (workers), producer.env and operator.env.",
+)
+
+
+def _local_broker(settings: Settings, secure: bool):  # type: ignore[no-untyped-def]
     from streams.bootstrap import local_kafka
+
+    if not secure:
+        return local_kafka(settings)
+    from deploy.local_kafka import LocalKafka
+    from deploy.security.acls import SluiceResources
+
+    return LocalKafka(
+        settings.home,
+        kafka_version=settings.kafka_version,
+        secure=True,
+        acl_resources=SluiceResources.from_settings(settings),
+    )
+
+
+@kafka_app.command("up")
+def kafka_up(secure: bool = _SECURE_OPTION) -> None:
+    """Fetch (once), format (once) and start the local broker; print its bootstrap address."""
     from streams.topics import ensure_topics
 
     settings = _settings()
-    kafka = local_kafka(settings)
+    kafka = _local_broker(settings, secure)
     with err.status("Starting Apache Kafka…") as status:
         info = kafka.up(progress=lambda msg: status.update(msg))
-        created = asyncio.run(ensure_topics(settings, info.bootstrap))
+        admin = settings
+        if secure:  # topics are created by the broker's own principal
+            admin = settings.model_copy(update=kafka.settings_fields("admin", info.bootstrap))
+        created = asyncio.run(ensure_topics(admin, info.bootstrap))
     err.print(f"Kafka {info.kafka_version} running (pid {info.pid}), log {info.log_file}")
     if created:
         err.print(f"created topics: {', '.join(created)}")
+    if secure:
+        env = kafka.env_file("worker")
+        err.print(
+            f"SASL_SSL only; settings in {env} (workers), {kafka.env_file('producer')}, "
+            f"{kafka.env_file('operator')}. Use: set -a; . {env}; set +a"
+        )
     print(info.bootstrap)
 
 
 @kafka_app.command("down")
-def kafka_down() -> None:
+def kafka_down(secure: bool = _SECURE_OPTION) -> None:
     """Stop the local broker (its data is kept)."""
-    from streams.bootstrap import local_kafka
-
-    stopped = local_kafka(_settings()).down()
+    stopped = _local_broker(_settings(), secure).down()
     err.print("stopped" if stopped else "not running")
 
 
 @kafka_app.command("status")
-def kafka_status() -> None:
+def kafka_status(secure: bool = _SECURE_OPTION) -> None:
     """Say whether the local broker runs, and where. Exit code 1 if it does not."""
-    from streams.bootstrap import local_kafka
-
-    info = local_kafka(_settings()).status()
+    info = _local_broker(_settings(), secure).status()
     if info is None:
         err.print("not running")
         raise typer.Exit(1)

@@ -640,6 +640,21 @@ class LocalKafka:
             "ssl_context": ssl.create_default_context(cafile=str(self.ca_file)),
         }
 
+    def settings_fields(self, role: str, bootstrap: str) -> dict[str, Any]:
+        """``Settings`` fields (for ``model_copy(update=...)``) of ``role``: worker, producer,
+        operator, or admin (the broker's super user, for creating topics)."""
+        from pydantic import SecretStr
+
+        user = _ADMIN_USER if role == "admin" else self.principals.as_dict()[role]
+        return {
+            "kafka_bootstrap": bootstrap,
+            "kafka_security_protocol": "SASL_SSL",
+            "kafka_sasl_mechanism": _SCRAM_MECHANISM,
+            "kafka_sasl_username": user,
+            "kafka_sasl_password": SecretStr(self._credentials()[user]),
+            "kafka_ssl_cafile": self.ca_file,
+        }
+
     def client_env(self, role: str, bootstrap: str) -> dict[str, str]:
         """The ``SLUICE_*`` settings of ``role`` (worker, producer, operator)."""
         user = self.principals.as_dict()[role]
