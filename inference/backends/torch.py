@@ -1,9 +1,26 @@
-"""Reference backend: any Hugging Face causal LM on torch, CPU or CUDA.
+"""Reference backend: any Hugging Face causal LM on torch, CPU or CUDA, batching in flight.
 
-Batched generation with our own decode loop over the model's KV cache, so every request in
-a batch keeps its own ``max_new_tokens``, temperature, top-p, seed and stop strings (the
-stock ``generate()`` takes one setting for the whole batch). Prompts are left-padded;
-position ids follow the attention mask so padding does not shift positions.
+Requests are submitted one by one (``generate_one``; ``inflight_batching`` is True). A
+dedicated decode thread owns the model and runs the loop the scheduler
+(:mod:`inference.backends.torch_scheduler`) decides:
+
+* **Admission** at step boundaries, batched (see the scheduler). The admitted prompts are
+  prefilled together *packed* into one row: no padding, a block-diagonal causal mask,
+  positions restarting per prompt, and logits computed only at each prompt's last position.
+* **KV cache**: :class:`SlotKVCache`, preallocated, one slot per running sequence (row =
+  slot, rows kept contiguous by the scheduler). A decode step writes each row's new K/V at
+  that row's own position and attends over one slice of the cache with a per-row length
+  mask; nothing is concatenated per step. Slots grow by doubling up to ``max_seq_len``.
+* **Sampling** on the device, batched: greedy rows take the argmax of the raw logits (exact);
+  sampled rows get temperature, top-p and noise from a counter-based hash of (seed, step,
+  token), so a row's draws depend on its own seed only, whatever its batch-mates.
+* **Retirement** as soon as a sequence ends; its completion goes back to the event loop at
+  once with ``loop.call_soon_threadsafe``.
+
+On CUDA (``device == "cuda"``) the decode step runs with static shapes (batch padded to a
+power-of-two bucket, the whole cache attended, cache tensors at fixed addresses) and is
+compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs); bf16 weights. The
+static-shape logic also runs on CPU (``static_shapes=True``), which is how it is tested.
 
 torch and transformers are imported only inside this module's methods.
 """
@@ -12,23 +29,52 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import queue
+import random
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from inference.backends.base import Engine
-from inference.errors import EngineError
+from inference.backends.torch_scheduler import (
+    InflightScheduler,
+    RowMove,
+    SchedulerLimits,
+    SequenceState,
+    StopWatcher,
+)
+from inference.errors import EngineDeadError, EngineError
 from inference.prompts import encode_prompt
 from inference.types import Completion, GenerationRequest, Sampling
 
 logger = logging.getLogger(__name__)
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(eq=False)
+class _Job:
+    """One submitted request: what the decode thread needs, and where its answer goes."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Completion]
+    temperature: float
+    top_p: float
+    key: int
+    cancelled: bool = False
+    seq: SequenceState | None = field(default=None, repr=False)
 
 
 class TorchEngine(Engine):
-    """Runs one batch at a time on a single worker thread (the event loop stays free)."""
+    """In-flight batching over a per-slot KV cache, on one dedicated decode thread."""
+
+    inflight_batching = True
 
     def __init__(
         self,
@@ -40,30 +86,73 @@ class TorchEngine(Engine):
         max_batch_size: int = 16,
         threads: int | None = None,
         quantize: str = "none",
+        dtype: str = "auto",
+        compile: bool = False,
+        static_shapes: bool | None = None,
+        max_seq_len: int = 1_536,
+        max_batch_tokens: int = 16_384,
+        max_prefill_tokens: int = 512,
+        admit_batch: int = 4,
+        admit_wait_steps: int = 4,
     ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
+        if max_seq_len < 2:
+            raise ValueError("max_seq_len must be >= 2")
         self.model_dir = Path(model_dir)
         self.model_name = model_name
         self.model_version = model_version
         self.max_batch_size = max_batch_size
-        self._device_setting = device
-        self._threads = threads
         self.quantize = quantize
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch-engine")
+        self.max_seq_len = max_seq_len
+        self.compile = compile
+        self.limits = SchedulerLimits(
+            max_slots=max_batch_size,
+            max_tokens=max(max_batch_tokens, max_seq_len),
+            max_prefill_tokens=max_prefill_tokens,
+            admit_batch=admit_batch,
+            admit_wait_steps=admit_wait_steps,
+        )
+        self._device_setting = device
+        self._dtype_setting = dtype
+        self._static_setting = static_shapes
+        self._threads = threads
         self._model: Any = None
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id = 0
+        self._vocab_size = 0
         self.device = "cpu"
         self.dtype = "float32"
+        self.static_shapes = False
         self._dead: BaseException | None = None
+        self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: _DecodeLoop | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await asyncio.to_thread(self._load)
+        self._loop = _DecodeLoop(self)
+        self._thread = threading.Thread(target=self._loop.run, name="torch-decode", daemon=True)
+        self._thread.start()
+        warm = GenerationRequest(
+            "warm-up",
+            "Hi",
+            Sampling(max_new_tokens=2),
+            prompt_ids=self.encode_prompt("Hi", system=None, raw=False),
+        )
+        await self.generate_one(warm)
 
     async def stop(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._fail_inbox(EngineError("the engine stopped"))
         self._model = None
 
     @property
@@ -79,28 +168,33 @@ class TorchEngine(Engine):
         want_cuda = self._device_setting in ("auto", "cuda")
         if self._device_setting == "cuda" and not torch.cuda.is_available():
             raise EngineError("device=cuda was asked for but torch sees no CUDA device")
-        if want_cuda and torch.cuda.is_available():
-            self.device = "cuda"
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            self.device, dtype = "cpu", torch.float32
+        self.device = "cuda" if want_cuda and torch.cuda.is_available() else "cpu"
+        dtype = _pick_dtype(torch, self._dtype_setting, self.device)
         self.dtype = str(dtype).removeprefix("torch.")
+        self.static_shapes = (
+            self.device == "cuda" if self._static_setting is None else self._static_setting
+        )
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=dtype, attn_implementation="sdpa"
+        )
+        _check_full_attention(model.config)
         self._model = model.to(self.device).eval()
+        self._vocab_size = int(model.config.vocab_size)
         if self.quantize == "int8":
             self._quantize_int8()
         self._eos_ids = self._end_token_ids()
         pad = self._tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
-        self._warm_up()
         logger.info(
-            "loaded %s (%s) on %s/%s; end tokens %s",
+            "loaded %s (%s) on %s/%s; end tokens %s; static shapes %s; compile %s",
             self.model_name,
             self.model_version,
             self.device,
             self.dtype,
             sorted(self._eos_ids),
+            self.static_shapes,
+            self.compile or self.device == "cuda",
         )
 
     def _quantize_int8(self) -> None:
@@ -115,15 +209,6 @@ class TorchEngine(Engine):
         )
         self.dtype = "int8-dynamic"
         self.model_version = f"{self.model_version}+int8"
-
-    def _warm_up(self) -> None:
-        """One tiny generation, so the first real batch does not pay for lazy init."""
-        import torch
-
-        ids = self.encode_prompt("Hi", system=None, raw=False)
-        warm = GenerationRequest("warm-up", "Hi", Sampling(max_new_tokens=2), prompt_ids=ids)
-        with torch.inference_mode():
-            self._decode([warm])
 
     def _end_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -158,135 +243,538 @@ class TorchEngine(Engine):
     async def generate(
         self, batch: Sequence[GenerationRequest]
     ) -> list[Completion | BaseException]:
-        if self._model is None:
-            raise EngineError("engine not started")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._generate, list(batch))
+        """Every request submitted at once; they batch in flight. One outcome each."""
+        self._check_usable()
+        return list(
+            await asyncio.gather(*(self.generate_one(r) for r in batch), return_exceptions=True)
+        )
 
-    def _generate(self, batch: list[GenerationRequest]) -> list[Completion | BaseException]:
+    async def generate_one(self, request: GenerationRequest) -> Completion:
+        self._check_usable()
+        temperature, top_p = self._check_request(request)
+        loop = asyncio.get_running_loop()
+        seed = request.sampling.seed
+        job = _Job(
+            request=request,
+            loop=loop,
+            future=loop.create_future(),
+            temperature=temperature,
+            top_p=top_p,
+            key=_fold_seed(seed if seed is not None else random.getrandbits(64)),
+        )
+        self._inbox.put(job)
+        self._wake.set()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True  # the decode thread drops it at the next step
+            self._wake.set()
+            raise
+
+    def _check_usable(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the torch engine is dead: {self._dead}") from self._dead
+        if self._model is None or self._loop is None or self._stopping:
+            raise EngineError("engine not started")
+
+    def _check_request(self, request: GenerationRequest) -> tuple[float, float]:
+        """What can fail one request alone, before it reaches the device."""
+        ids = request.prompt_ids
+        if not ids:
+            raise EngineError(f"{request.request_id}: no prompt token ids")
+        if min(ids) < 0 or max(ids) >= self._vocab_size:
+            raise EngineError(f"{request.request_id}: a prompt token id is outside the vocabulary")
+        sampling = request.sampling
+        if sampling.max_new_tokens < 1:
+            raise EngineError(f"{request.request_id}: max_new_tokens must be >= 1")
+        if len(ids) + sampling.max_new_tokens > self.max_seq_len:
+            raise EngineError(
+                f"{request.request_id}: prompt ({len(ids)}) + max_new_tokens "
+                f"({sampling.max_new_tokens}) exceeds max_seq_len {self.max_seq_len}"
+            )
+        temperature, top_p = float(sampling.temperature), float(sampling.top_p)
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise EngineError(f"{request.request_id}: temperature {temperature} is not >= 0")
+        if not (math.isfinite(top_p) and top_p > 0):
+            raise EngineError(f"{request.request_id}: top_p {top_p} is not > 0")
+        return temperature, min(top_p, 1.0)
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            _hand_back(job, error=error)
+
+
+class _DecodeLoop:
+    """The decode thread: admissions, packed prefill, decode steps, retirements."""
+
+    def __init__(self, engine: TorchEngine) -> None:
         import torch
 
+        self.torch = torch
+        self.engine = engine
+        self.model = engine._model
+        self.tokenizer = engine._tokenizer
+        self.scheduler = InflightScheduler(engine.limits)
+        self.device = engine.device
+        cfg = self.model.config
+        heads = int(cfg.num_attention_heads)
+        capacity = engine.max_seq_len if engine.static_shapes else min(256, engine.max_seq_len)
+        self.cache = _slot_cache_class()(
+            layers=int(cfg.num_hidden_layers),
+            slots=engine.max_batch_size,
+            capacity=capacity,
+            max_capacity=engine.max_seq_len,
+            kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
+            dtype=_cache_dtype(torch, self.model),
+            device=self.device,
+            static=engine.static_shapes,
+        )
+        self.step = self._build_step()
+
+    # -- the thread ----------------------------------------------------------------------
+    def run(self) -> None:
+        torch = self.torch
+        engine = self.engine
+        error: BaseException = EngineError("the engine stopped")
         try:
             with torch.inference_mode():
-                return self._decode(batch)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise EngineError(f"CUDA out of memory on a batch of {len(batch)}") from exc
+                while not engine._stopping:
+                    self._take_inbox()
+                    if self.scheduler.idle:
+                        engine._wake.wait(timeout=0.5)
+                        engine._wake.clear()
+                        continue
+                    self._drop_cancelled()
+                    self._iteration()
+        except BaseException as exc:  # the loop never dies silently: the engine is dead
+            logger.exception("the torch decode loop died")
+            engine._dead = exc
+            error = EngineDeadError(f"the torch engine is dead: {exc}")
+        for seq in self.scheduler.clear():
+            _hand_back(seq.handle, error=error)
+        engine._fail_inbox(error)
 
-    def _decode(self, batch: list[GenerationRequest]) -> list[Completion | BaseException]:
-        import torch
-
-        device = self.device
-        size = len(batch)
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((size, width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for row, request in enumerate(batch):
-            n = len(request.prompt_ids)
-            input_ids[row, width - n :] = torch.tensor(request.prompt_ids, dtype=torch.long)
-            mask[row, width - n :] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-
-        sampler = _Sampler(batch, device)
-        rows = [_RowState(r, self._tokenizer) for r in batch]
-        out = self._model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
-        )
-        for _ in range(max(r.sampling.max_new_tokens for r in batch)):
-            next_tokens = sampler.sample(out.logits[:, -1, :])
-            for row, token in zip(rows, next_tokens.tolist(), strict=True):
-                row.push(token, self._eos_ids)
-            if all(r.finished for r in rows):
-                break
-            live = torch.tensor([not r.finished for r in rows], device=device)
-            feed = torch.where(live, next_tokens, torch.full_like(next_tokens, self._pad_id))
-            mask = torch.cat([mask, torch.ones((size, 1), dtype=mask.dtype, device=device)], 1)
-            positions = positions[:, -1:] + 1
-            out = self._model(
-                input_ids=feed[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=out.past_key_values,
-                use_cache=True,
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                job = self.engine._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if job.cancelled:
+                continue
+            request = job.request
+            watcher = None
+            if request.sampling.stop:
+                watcher = StopWatcher(request.sampling.stop, self._decode_text)
+            seq = SequenceState(
+                handle=job,
+                prompt_len=len(request.prompt_ids),
+                max_new_tokens=request.sampling.max_new_tokens,
+                end_ids=self.engine._eos_ids,
+                watcher=watcher,
             )
-        return [row.completion() for row in rows]
+            job.seq = seq
+            try:
+                self.scheduler.add(seq)
+            except ValueError as exc:
+                _hand_back(job, error=EngineError(f"{request.request_id}: {exc}"))
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.scheduler.waiting if s.handle.cancelled]:
+            self.scheduler.drop_waiting(seq)
+        for seq in [s for s in self.scheduler.running if s.handle.cancelled]:
+            self._retire(seq)
+
+    def _iteration(self) -> None:
+        admitted = self.scheduler.admit()
+        if admitted:
+            try:
+                self._prefill(admitted)
+            except Exception as exc:
+                self._fail(admitted, exc, "prefill")
+        if self.scheduler.running:
+            try:
+                self._decode_step()
+            except Exception as exc:
+                self._fail(list(self.scheduler.running), exc, "decode step")
+        self.scheduler.step_done()
+
+    def _fail(self, seqs: list[SequenceState], exc: Exception, where: str) -> None:
+        """A step failed: its sequences fail (alone); a sticky device error kills the engine."""
+        torch = self.torch
+        if _is_fatal_device_error(torch, exc):
+            raise exc
+        logger.warning("%s failed for %d sequence(s): %r", where, len(seqs), exc)
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        error = EngineError(f"{where} failed: {exc}")
+        for seq in sorted(seqs, key=lambda s: -s.row):
+            if seq.row >= 0:
+                self._retire(seq)
+            _hand_back(seq.handle, error=error)
+
+    # -- model steps ---------------------------------------------------------------------
+    def _prefill(self, seqs: list[SequenceState]) -> None:
+        torch, device = self.torch, self.device
+        self.cache.ensure_capacity(max(s.cost for s in self.scheduler.running))
+        ids: list[int] = []
+        rows: list[int] = []
+        positions: list[int] = []
+        last: list[int] = []
+        for seq in seqs:
+            prompt = seq.handle.request.prompt_ids
+            ids.extend(prompt)
+            rows.extend([seq.row] * len(prompt))
+            positions.extend(range(len(prompt)))
+            last.append(len(ids) - 1)
+        pos = torch.tensor(positions, device=device)
+        seg = torch.tensor(rows, device=device)
+        mask = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+        self.cache.prepare_prefill(seg, pos)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=pos[None],
+            attention_mask=mask[None, None],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor(last, device=device),
+        )
+        self._push(seqs, out.logits[0])
+
+    def _decode_step(self) -> None:
+        torch, device = self.torch, self.device
+        seqs = list(self.scheduler.running)
+        n = len(seqs)
+        tokens = [s.generated[-1] for s in seqs]
+        positions = [s.length - 1 for s in seqs]
+        if self.cache.static:
+            width = bucket_size(n, self.engine.max_batch_size)
+            tokens += [self.engine._pad_id] * (width - n)
+            positions += [0] * (width - n)  # padding rows write position 0 of a free slot
+            kv_len = self.cache.capacity
+        else:
+            width, kv_len = n, max(positions) + 1
+        ids = torch.tensor(tokens, device=device)[:, None]
+        pos = torch.tensor(positions, device=device)[:, None]
+        mask = (torch.arange(kv_len, device=device)[None, :] <= pos)[:, None, None, :]
+        logits = self.step(ids, pos, mask, self.cache.rows(width))
+        self._push(seqs, logits[:n])
+
+    def _forward_decode(self, ids: Any, pos: Any, mask: Any, rows: Any) -> Any:
+        self.cache.prepare_decode(rows, pos[:, 0], mask.shape[-1])
+        out = self.model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+    def _build_step(self) -> Any:
+        torch = self.torch
+        if self.device == "cuda" and self.cache.static:
+            compiled = torch.compile(self._forward_decode, mode="reduce-overhead", dynamic=False)
+
+            def cuda_step(ids: Any, pos: Any, mask: Any, rows: Any) -> Any:
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(ids, pos, mask, rows).clone()
+
+            return cuda_step
+        if self.engine.compile:
+            return torch.compile(self._forward_decode, dynamic=not self.cache.static)
+        return self._forward_decode
+
+    # -- tokens out ----------------------------------------------------------------------
+    def _push(self, seqs: list[SequenceState], logits: Any) -> None:
+        jobs = [s.handle for s in seqs]
+        chosen = sample_next(
+            self.torch,
+            logits,
+            temperature=[j.temperature for j in jobs],
+            top_p=[j.top_p for j in jobs],
+            keys=[j.key for j in jobs],
+            steps=[len(s.generated) for s in seqs],
+        )
+        for seq, token in zip(seqs, chosen, strict=True):
+            if seq.push(token):
+                self._finish(seq)
+
+    def _finish(self, seq: SequenceState) -> None:
+        self._retire(seq)
+        job: _Job = seq.handle
+        text = self._decode_text(seq.generated)
+        reason = seq.finish_reason
+        stops = job.request.sampling.stop
+        if stops:
+            cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        completion = Completion(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.generated),
+        )
+        _hand_back(job, completion=completion)
+
+    def _retire(self, seq: SequenceState) -> None:
+        move = self.scheduler.retire(seq)
+        if move is not None:
+            self.cache.move(move)
+
+    def _decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-class _Sampler:
-    """Greedy rows take the argmax; sampled rows get temperature, top-p and their own seed."""
+def _hand_back(
+    job: _Job, *, completion: Completion | None = None, error: BaseException | None = None
+) -> None:
+    """Resolve a job's future on its event loop (from any thread)."""
 
-    def __init__(self, batch: list[GenerationRequest], device: str) -> None:
+    def resolve() -> None:
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(completion)  # type: ignore[arg-type]
+
+    try:
+        job.loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # that event loop is closed: nobody is waiting any more
+        pass
+
+
+# -- the KV cache ------------------------------------------------------------------------
+
+
+_SLOT_CACHE: type | None = None
+
+
+def _slot_cache_class() -> type:
+    """:class:`SlotKVCache` as a transformers ``Cache`` (built on first use, so importing
+    this module imports neither torch nor transformers)."""
+    global _SLOT_CACHE
+    if _SLOT_CACHE is None:
+        from transformers.cache_utils import Cache
+
+        _SLOT_CACHE = type("SlotKVCache", (SlotKVCache, Cache), {})
+    return _SLOT_CACHE
+
+
+class SlotKVCache:
+    """Preallocated K/V per layer, shaped ``(slots, kv_heads, capacity, head_dim)``.
+
+    Used as a transformers ``Cache`` (through :func:`_slot_cache_class`): the model calls
+    :meth:`update` from every attention layer. Before each forward the engine says where
+    the new K/V go: :meth:`prepare_prefill` (packed prompts: one slot and position per
+    token; attention runs over the new K/V only, with the engine's block-diagonal mask) or
+    :meth:`prepare_decode` (one token per row at that row's position; attention runs over
+    ``[:rows, :, :kv_len]`` with a per-row length mask).
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: int,
+        slots: int,
+        capacity: int,
+        max_capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: Any,
+        device: str,
+        static: bool = False,
+    ) -> None:
         import torch
 
+        super().__init__(layers=[])  # type: ignore[call-arg]
         self._torch = torch
-        temps = [r.sampling.temperature for r in batch]
-        self._sampled = [i for i, t in enumerate(temps) if t > 0]
-        self._temps = torch.tensor([temps[i] for i in self._sampled], device=device)
-        self._top_p = torch.tensor([batch[i].sampling.top_p for i in self._sampled], device=device)
-        self._generators: list[Any] = []
-        for i in self._sampled:
-            seed = batch[i].sampling.seed
-            gen = None
-            if seed is not None:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(seed)
-            self._generators.append(gen)
+        self.slots, self.capacity, self.max_capacity = slots, capacity, max_capacity
+        self.static = static
+        self._shape = (slots, kv_heads, capacity, head_dim)
+        self._dtype, self._device = dtype, device
+        self.keys = [torch.zeros(self._shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(self._shape, dtype=dtype, device=device) for _ in range(layers)]
+        if static and device == "cuda":
+            for t in (*self.keys, *self.values):
+                torch._dynamo.mark_static_address(t)
+        self._rows = {n: torch.arange(n, device=device) for n in range(1, slots + 1)}
+        self._mode = "decode"
+        self._tok_rows: Any = None
+        self._tok_pos: Any = None
+        self._row_index: Any = None
+        self._row_pos: Any = None
+        self._kv_len = 0
 
-    def sample(self, logits: Any) -> Any:
+    def rows(self, n: int) -> Any:
+        return self._rows[n]
+
+    def ensure_capacity(self, need: int) -> None:
+        """Grow every slot to hold ``need`` positions (doubling, at most ``max_capacity``)."""
+        if need <= self.capacity:
+            return
+        if self.static or need > self.max_capacity:
+            raise ValueError(f"{need} positions exceed the cache capacity {self.capacity}")
         torch = self._torch
-        chosen = logits.argmax(dim=-1)
-        if not self._sampled:
-            return chosen
-        index = torch.tensor(self._sampled, device=logits.device)
-        scaled = logits.index_select(0, index).float() / self._temps[:, None]
-        probs = torch.softmax(scaled, dim=-1)
-        sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+        new = min(self.max_capacity, max(need, 2 * self.capacity))
+        shape = (self._shape[0], self._shape[1], new, self._shape[3])
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = torch.zeros(shape, dtype=self._dtype, device=self._device)
+                grown[:, :, : self.capacity] = old
+                store[i] = grown
+        self.capacity, self._shape = new, shape
+
+    def move(self, move: RowMove) -> None:
+        """Copy slot ``src`` into slot ``dst`` (the scheduler compacted its rows)."""
+        length = min(move.length, self.capacity)
+        for store in (self.keys, self.values):
+            for t in store:
+                t[move.dst, :, :length] = t[move.src, :, :length]
+
+    def prepare_prefill(self, token_rows: Any, token_positions: Any) -> None:
+        self._mode, self._tok_rows, self._tok_pos = "prefill", token_rows, token_positions
+
+    def prepare_decode(self, rows: Any, positions: Any, kv_len: int) -> None:
+        self._mode, self._row_index, self._row_pos, self._kv_len = "decode", rows, positions, kv_len
+
+    def update(
+        self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: Any = None
+    ) -> tuple[Any, Any]:
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self._mode == "prefill":
+            rows, pos = self._tok_rows, self._tok_pos
+            k[rows, :, pos] = key_states[0].transpose(0, 1)
+            v[rows, :, pos] = value_states[0].transpose(0, 1)
+            return key_states, value_states
+        rows, pos = self._row_index, self._row_pos
+        k[rows, :, pos] = key_states[:, :, 0]
+        v[rows, :, pos] = value_states[:, :, 0]
+        n = key_states.shape[0]
+        return k[:n, :, : self._kv_len], v[:n, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+
+# -- sampling ----------------------------------------------------------------------------
+
+
+def sample_next(
+    torch: Any,
+    logits: Any,
+    *,
+    temperature: Sequence[float],
+    top_p: Sequence[float],
+    keys: Sequence[int],
+    steps: Sequence[int],
+) -> list[int]:
+    """The next id of every row. Greedy rows (temperature 0): argmax of the raw logits.
+    Sampled rows, batched: logits shifted by their max and divided by the temperature
+    (so any positive temperature, however small, gives finite probabilities), the top-p
+    nucleus (always at least the most likely id), then an exponential race with noise from
+    :func:`hash_uniform` of (key, step, id)."""
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, t in enumerate(temperature) if t > 0]
+    if not sampled:
+        return chosen.tolist()
+    device = logits.device
+    index = torch.tensor(sampled, device=device)
+    temps = torch.tensor([temperature[i] for i in sampled], device=device, dtype=torch.float32)
+    x = logits.index_select(0, index).float()
+    x = (x - x.max(dim=-1, keepdim=True).values) / temps[:, None]
+    probs = torch.softmax(x, dim=-1)
+    ps = [top_p[i] for i in sampled]
+    if any(p < 1.0 for p in ps):
+        nucleus = torch.tensor(ps, device=device, dtype=torch.float32)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before > self._top_p[:, None], 0.0)
-        for j, row in enumerate(self._sampled):
-            pick = torch.multinomial(sorted_probs[j], 1, generator=self._generators[j])
-            chosen[row] = sorted_ids[j, pick[0]]
-        return chosen
+        sorted_probs = sorted_probs.masked_fill(before > nucleus[:, None], 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    u = hash_uniform(
+        torch,
+        torch.tensor([keys[i] for i in sampled], device=device, dtype=torch.int64),
+        torch.tensor([steps[i] for i in sampled], device=device, dtype=torch.int64),
+        probs.shape[-1],
+    )
+    picks = (probs / -torch.log(u)).argmax(dim=-1)
+    chosen = chosen.index_copy(0, index, picks)
+    return chosen.tolist()
 
 
-class _RowState:
-    """Tokens produced for one request and whether (and why) it has finished."""
+def _mix32(torch: Any, x: Any) -> Any:
+    """A 32-bit integer hash in int64 arithmetic (constant < 2**31, so no overflow)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
 
-    def __init__(self, request: GenerationRequest, tokenizer: Any) -> None:
-        self.request = request
-        self.tokens: list[int] = []
-        self.finished = False
-        self.reason = "length"
-        self._tokenizer = tokenizer
-        self._stops = request.sampling.stop
-        self._stop_window = max((len(s) for s in self._stops), default=0) + 8
 
-    def push(self, token: int, eos_ids: frozenset[int]) -> None:
-        if self.finished:
-            return
-        if token in eos_ids:
-            self.finished, self.reason = True, "stop"
-            return
-        self.tokens.append(token)
-        if self._stops and self._hit_stop():
-            self.finished, self.reason = True, "stop"
-        elif len(self.tokens) >= self.request.sampling.max_new_tokens:
-            self.finished, self.reason = True, "length"
+def hash_uniform(torch: Any, keys: Any, steps: Any, vocab: int) -> Any:
+    """Uniform noise in (0, 1), shape ``(rows, vocab)``, a pure function of each row's
+    (key, step) and the id: batch-mates never change a row's draws, and no generator
+    state is carried between steps."""
+    base = _mix32(torch, (keys ^ _mix32(torch, (steps * 0x2545F49 + 0x3C6EF372) & _MASK32)))
+    ids = torch.arange(vocab, device=keys.device, dtype=torch.int64) * 0x27D4EB2F
+    bits = _mix32(torch, (base[:, None] + ids[None, :]) & _MASK32)
+    return ((bits >> 8).float() + 0.5) / 16_777_216.0
 
-    def _hit_stop(self) -> bool:
-        tail = self._tokenizer.decode(self.tokens[-self._stop_window :], skip_special_tokens=True)
-        return any(s in tail for s in self._stops)
 
-    def completion(self) -> Completion:
-        text = self._tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self._stops:
-            cut = min((i for s in self._stops if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                text, self.reason = text[:cut], "stop"
-        return Completion(
-            text=text,
-            finish_reason=self.reason,
-            prompt_tokens=len(self.request.prompt_ids),
-            completion_tokens=len(self.tokens),
+def _fold_seed(seed: int) -> int:
+    """Any integer seed as a 32-bit key."""
+    seed &= (1 << 64) - 1
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+# -- small helpers -----------------------------------------------------------------------
+
+
+def bucket_size(n: int, max_slots: int) -> int:
+    """Batch width of a static-shape decode step: the next power of two, at most
+    ``max_slots`` (each width is one compiled graph)."""
+    if n < 1 or n > max_slots:
+        raise ValueError(f"{n} rows do not fit {max_slots} slots")
+    width = 1
+    while width < n:
+        width *= 2
+    return min(width, max_slots)
+
+
+def _pick_dtype(torch: Any, setting: str, device: str) -> Any:
+    if setting == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, setting)
+
+
+def _cache_dtype(torch: Any, model: Any) -> Any:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _check_full_attention(config: Any) -> None:
+    """The per-slot cache and masks assume every layer attends to the whole prefix."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types):
+        raise EngineError(
+            f"the torch engine supports full-attention models only (layer types {set(layer_types)})"
         )
+
+
+def _is_fatal_device_error(torch: Any, exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory leaves the context unusable."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(exc, accelerator):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
