@@ -294,3 +294,72 @@ def _create_acls_request() -> type:
 
 def _create_acls_for(bindings: Sequence[AclBinding]) -> Any:
     return _create_acls_request()(bindings)
+
+
+# ---------------------------------------------------------------------- Strimzi KafkaUser
+
+_STRIMZI_OPERATION = {
+    Operation.ALL: "All",
+    Operation.READ: "Read",
+    Operation.WRITE: "Write",
+    Operation.CREATE: "Create",
+    Operation.DELETE: "Delete",
+    Operation.ALTER: "Alter",
+    Operation.DESCRIBE: "Describe",
+    Operation.CLUSTER_ACTION: "ClusterAction",
+    Operation.DESCRIBE_CONFIGS: "DescribeConfigs",
+    Operation.ALTER_CONFIGS: "AlterConfigs",
+    Operation.IDEMPOTENT_WRITE: "IdempotentWrite",
+}
+_STRIMZI_RESOURCE = {
+    ResourceType.TOPIC: "topic",
+    ResourceType.GROUP: "group",
+    ResourceType.CLUSTER: "cluster",
+    ResourceType.TRANSACTIONAL_ID: "transactionalId",
+}
+
+
+def strimzi_users(
+    bindings: Iterable[AclBinding],
+    *,
+    cluster: str = "my-cluster",
+    namespace: str = "kafka",
+) -> list[dict[str, Any]]:
+    """``KafkaUser`` resources (kafka.strimzi.io/v1beta2, SCRAM-SHA-512, simple
+    authorization) granting exactly ``bindings``: one resource per principal, one ACL rule
+    per resource pattern with its operations."""
+    users = []
+    for principal, rules in sorted(acls_by_principal(bindings).items()):
+        grouped: dict[tuple[ResourceType, str, PatternType], list[Operation]] = {}
+        for rule in rules:
+            key = (rule.resource_type, rule.resource_name, rule.pattern_type)
+            grouped.setdefault(key, []).append(rule.operation)
+        acls = []
+        for (kind, name, pattern), operations in sorted(grouped.items()):
+            resource: dict[str, Any] = {"type": _STRIMZI_RESOURCE[kind]}
+            if kind is not ResourceType.CLUSTER:
+                resource["name"] = name
+                resource["patternType"] = "prefix" if pattern is PatternType.PREFIXED else "literal"
+            acls.append(
+                {
+                    "resource": resource,
+                    "operations": [_STRIMZI_OPERATION[op] for op in sorted(operations)],
+                    "host": "*",
+                }
+            )
+        users.append(
+            {
+                "apiVersion": "kafka.strimzi.io/v1beta2",
+                "kind": "KafkaUser",
+                "metadata": {
+                    "name": principal.removeprefix("User:"),
+                    "namespace": namespace,
+                    "labels": {"strimzi.io/cluster": cluster},
+                },
+                "spec": {
+                    "authentication": {"type": "scram-sha-512"},
+                    "authorization": {"type": "simple", "acls": acls},
+                },
+            }
+        )
+    return users
