@@ -13,12 +13,16 @@ them (seen in CI as 39 of 200 requests lost after a SIGKILL).
 from __future__ import annotations
 
 import asyncio
+import re
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from connectors.client import SluiceClient
+from connectors.processes import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from tests.integration.helpers import read_topic, start_worker
@@ -43,6 +47,24 @@ async def _committed(settings: Settings) -> dict[int, int]:
     }
 
 
+def _wait_in_flight(worker: WorkerProcess, want: int, timeout: float) -> int:
+    """The worker's ``sluice_inflight_requests`` once it reaches ``want`` (or the timeout)."""
+    match = None
+    give_up = time.monotonic() + timeout
+    value = 0
+    while time.monotonic() < give_up:
+        match = match or re.search(r"metrics: (http://\S+/metrics)", worker.log_tail(400))
+        if match:
+            with urllib.request.urlopen(match.group(1), timeout=5) as response:
+                text = response.read().decode()
+            found = re.search(r"^sluice_inflight_requests (\S+)$", text, re.M)
+            value = int(float(found.group(1))) if found else 0
+            if value >= want:
+                return value
+        time.sleep(0.2)
+    return value
+
+
 async def test_unanswered_requests_are_never_committed(settings_factory, tmp_path: Path):
     settings = settings_factory(
         backend="benchmark",
@@ -58,8 +80,11 @@ async def test_unanswered_requests_are_never_committed(settings_factory, tmp_pat
         async with SluiceClient(settings) as client:
             ids = [await client.publish(f"prompt {i}", max_new_tokens=4) for i in range(40)]
             await client.flush()
-        # Read by the worker, in flight in the slow engine; Faust commits every ~3 s.
-        await asyncio.sleep(DELAY_MS / 1000 / 2 + 3)
+        # Read by the worker, in flight in the slow engine; Faust commits every ~3 s. The
+        # check means something only once the worker holds them all in flight.
+        held = await asyncio.to_thread(_wait_in_flight, worker, len(ids), DELAY_MS / 1000 / 2)
+        assert held == len(ids), f"only {held} of {len(ids)} requests were read in time"
+        await asyncio.sleep(3)
         in_flight = await _committed(settings)
         results = await read_topic(
             settings,
