@@ -1,4 +1,5 @@
-"""TorchEngine on the real SmolLM2-135M-Instruct: answers, batching, per-request decoding.
+"""TorchEngine on the real SmolLM2-135M-Instruct: answers, in-flight batching, per-request
+decoding, failures that stay with their request, the static-shape (CUDA graph) path on CPU.
 
 Loads the model once for the module. Outputs stay short (max_new_tokens <= 24) so the file
 runs in well under a minute on two CPU cores.
@@ -6,14 +7,15 @@ runs in well under a minute on two CPU cores.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from inference.backends.torch import TorchEngine
-from inference.errors import EngineError
+from inference.backends.torch import TorchEngine, bucket_size, hash_uniform
+from inference.errors import EngineDeadError, EngineError
 from inference.types import Completion, GenerationRequest, Sampling
 
 pytestmark = pytest.mark.slow
@@ -221,3 +223,193 @@ async def test_sampling_is_reproducible_whatever_the_batch_mates(engine: TorchEn
     _, second = await run_batch(engine, [mate, seeded])
     assert first.text == alone.text
     assert second.text == alone.text
+
+
+# -- in-flight batching ----------------------------------------------------------------------
+
+LONG_PROMPT = (
+    "Explain what a Kafka topic is to someone who has never used a message broker, and give "
+    "one example of when a team would use several partitions for it."
+)
+
+
+async def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def running_tokens(engine: TorchEngine, rid: str) -> int:
+    assert engine._loop is not None
+    for seq in list(engine._loop.scheduler.running):
+        if seq.handle.request.request_id == rid:
+            return len(seq.generated)
+    return -1
+
+
+async def test_engine_batches_in_flight(engine: TorchEngine) -> None:
+    assert engine.inflight_batching is True
+
+
+async def test_requests_admitted_mid_flight_equal_single_requests(engine: TorchEngine) -> None:
+    long = request(
+        engine, "Count from 1 to 50, separated by commas.", rid="long", max_new_tokens=24
+    )
+    late = [
+        request(engine, p, rid=f"late{i}", max_new_tokens=12)
+        for i, p in enumerate(["Hi", LONG_PROMPT, STORY])
+    ]
+    assert len({len(r.prompt_ids) for r in late}) == 3  # very different prompt lengths
+    singles = [await run_one(engine, r) for r in [long, *late]]
+
+    first = asyncio.create_task(engine.generate_one(long))
+    await wait_until(lambda: running_tokens(engine, "long") >= 3)  # decoding already
+    rest = [asyncio.create_task(engine.generate_one(r)) for r in late]
+    done = [await first, *[await t for t in rest]]
+    assert [c.text for c in done] == [c.text for c in singles]
+    assert [c.completion_tokens for c in done] == [c.completion_tokens for c in singles]
+
+
+async def test_a_finished_request_is_handed_back_before_longer_ones(engine: TorchEngine) -> None:
+    prompt = "Count from 1 to 50, separated by commas."
+    long = asyncio.create_task(
+        engine.generate_one(request(engine, prompt, rid="long", max_new_tokens=24))
+    )
+    short = asyncio.create_task(
+        engine.generate_one(request(engine, prompt, rid="short", max_new_tokens=2))
+    )
+    done, _ = await asyncio.wait({long, short}, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {short}
+    assert not long.done()  # the long one is still decoding
+    assert (await short).completion_tokens == 2
+    assert (await long).completion_tokens == 24
+
+
+async def test_a_bad_request_fails_alone(engine: TorchEngine) -> None:
+    good = request(engine, FRANCE, rid="good", max_new_tokens=12)
+    alone = await run_one(engine, good)
+    bad_ids = GenerationRequest("bad-ids", "x", Sampling(max_new_tokens=4), prompt_ids=[10**9])
+    empty = GenerationRequest("empty", "x", Sampling(max_new_tokens=4), prompt_ids=[])
+    too_long = request(engine, FRANCE, rid="too-long", max_new_tokens=engine.max_seq_len)
+    bad_temp = request(engine, FRANCE, rid="nan", max_new_tokens=4, temperature=float("nan"))
+    outcomes = await engine.generate([bad_ids, good, empty, too_long, bad_temp])
+    assert outcomes[1] == alone
+    for i in (0, 2, 3, 4):
+        assert isinstance(outcomes[i], EngineError), outcomes[i]
+    assert engine.is_healthy
+
+
+async def test_hostile_sampling_values_never_poison_batch_mates(engine: TorchEngine) -> None:
+    greedy = request(engine, STORY, rid="greedy", max_new_tokens=12)
+    alone = await run_one(engine, greedy)
+    hostile = [
+        request(engine, STORY, rid="tiny-t", max_new_tokens=12, temperature=1e-40, seed=1),
+        request(engine, STORY, rid="tiny-p", max_new_tokens=12, temperature=1.0, top_p=1e-9),
+        request(engine, STORY, rid="both", max_new_tokens=12, temperature=1e-40, top_p=1e-9),
+        request(engine, STORY, rid="hot", max_new_tokens=12, temperature=100.0, seed=3),
+    ]
+    outcomes = await run_batch(engine, [greedy, *hostile])
+    assert outcomes[0] == alone
+    # A vanishing temperature or nucleus leaves only the most likely id: greedy text.
+    assert [c.text for c in outcomes[1:4]] == [alone.text] * 3
+    assert outcomes[4].completion_tokens == 12  # sampled from a flat distribution, no NaN
+
+
+async def test_a_cancelled_request_frees_its_slot(engine: TorchEngine) -> None:
+    prompt = "Count from 1 to 50, separated by commas."
+    task = asyncio.create_task(
+        engine.generate_one(request(engine, prompt, rid="cancel-me", max_new_tokens=200))
+    )
+    await wait_until(lambda: running_tokens(engine, "cancel-me") >= 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: running_tokens(engine, "cancel-me") == -1)
+    assert (await run_one(engine, request(engine, FRANCE, max_new_tokens=4))).text
+
+
+# -- the static-shape (CUDA graph) path, on CPU ---------------------------------------------
+
+
+def test_bucket_sizes_are_powers_of_two_within_the_slots() -> None:
+    assert [bucket_size(n, 16) for n in (1, 2, 3, 5, 8, 9, 16)] == [1, 2, 4, 8, 8, 16, 16]
+    assert bucket_size(5, 6) == 6
+    with pytest.raises(ValueError):
+        bucket_size(0, 4)
+    with pytest.raises(ValueError):
+        bucket_size(5, 4)
+
+
+def test_hashed_noise_is_uniform_and_depends_on_its_own_row_only() -> None:
+    import torch
+
+    keys = torch.tensor([1, 2, 1], dtype=torch.int64)
+    steps = torch.tensor([0, 0, 1], dtype=torch.int64)
+    u = hash_uniform(torch, keys, steps, 50_000)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    alone = hash_uniform(torch, keys[:1], steps[:1], 50_000)
+    assert torch.equal(alone[0], u[0])
+
+
+async def test_static_shape_path_gives_the_same_tokens(
+    engine: TorchEngine, model_dir: Path
+) -> None:
+    static = TorchEngine(
+        model_dir,
+        model_name="m",
+        model_version="v",
+        static_shapes=True,
+        max_batch_size=4,
+        max_seq_len=256,
+    )
+    await static.start()
+    try:
+        assert static.static_shapes and static._loop is not None
+        assert static._loop.cache.capacity == 256  # preallocated whole, never grows
+        reqs = [request(engine, p, rid=f"s{i}", max_new_tokens=12) for i, p in enumerate(PROMPTS)]
+        expected = await run_batch(engine, reqs)
+        assert await run_batch(static, reqs) == expected  # 3 rows padded to a bucket of 4
+    finally:
+        await static.stop()
+
+
+# -- device errors ---------------------------------------------------------------------------
+
+
+async def test_a_failed_step_fails_its_requests_and_a_device_error_kills_the_engine(
+    model_dir: Path,
+) -> None:
+    eng = TorchEngine(model_dir, model_name="m", model_version="v", max_batch_size=4)
+    await eng.start()
+    try:
+        assert eng._loop is not None
+        real_step = eng._loop.step
+        calls = {"n": 0}
+
+        def flaky(*args: object) -> object:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a transient failure")
+            return real_step(*args)
+
+        eng._loop.step = flaky
+        with pytest.raises(EngineError, match="transient"):
+            await eng.generate_one(request(eng, FRANCE, max_new_tokens=8))
+        assert eng.is_healthy  # a step failure fails its requests, not the engine
+        assert "Paris" in (await run_one(eng, request(eng, FRANCE, max_new_tokens=12))).text
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        eng._loop.step = broken
+        outcome = await eng.generate([request(eng, FRANCE, max_new_tokens=8)])
+        assert isinstance(outcome[0], EngineDeadError)
+        assert eng.dead_error is not None and not eng.is_healthy
+        with pytest.raises(EngineDeadError):
+            await eng.generate_one(request(eng, FRANCE, max_new_tokens=8))
+    finally:
+        await eng.stop()
