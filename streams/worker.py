@@ -26,6 +26,7 @@ import faust
 from prometheus_client import CollectorRegistry
 
 from schemas.codec import codec_from_registry_url
+from schemas.registry import awarm_up
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
 from streams.control import ControlListener
@@ -143,6 +144,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         _, port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
     codec = codec_from_registry_url(settings.schema_registry_url)
+    await awarm_up(codec, ("InferenceResult", "DeadLetter"))  # encode never waits on a registry
     pipeline = IntakePipeline(
         settings,
         engine,
