@@ -154,6 +154,30 @@ async def test_batched_greedy_equals_single_requests(engine: TorchEngine) -> Non
     assert all(c.text.strip() for c in batched)
 
 
+async def test_greedy_tokens_match_a_forward_without_any_cache(engine: TorchEngine) -> None:
+    """An independent reference: each next id from a full forward over the whole text, no
+    KV cache, no packing, no masks of ours."""
+    import torch
+
+    reqs = [
+        request(engine, p, rid=f"ref{i}", max_new_tokens=8, raw=True)
+        for i, p in enumerate(
+            ["The capital of France is", "Once upon a time, a dragon", "1, 2, 3, 4,"]
+        )
+    ]
+    tokenizer = engine._tokenizer
+    expected = []
+    with torch.inference_mode():
+        for r in reqs:
+            ids = list(r.prompt_ids)
+            for _ in range(8):
+                logits = engine._model(input_ids=torch.tensor([ids])).logits[0, -1]
+                ids.append(int(logits.argmax()))
+            expected.append(tokenizer.decode(ids[len(r.prompt_ids) :], skip_special_tokens=True))
+    batched = await run_batch(engine, reqs)
+    assert [c.text for c in batched] == expected
+
+
 async def test_max_new_tokens_is_respected_per_request(engine: TorchEngine) -> None:
     prompt = "Count from 1 to 50, separated by commas."
     reqs = [
@@ -320,13 +344,14 @@ async def test_hostile_sampling_values_never_poison_batch_mates(engine: TorchEng
 async def test_a_cancelled_request_frees_its_slot(engine: TorchEngine) -> None:
     prompt = "Count from 1 to 50, separated by commas."
     task = asyncio.create_task(
-        engine.generate_one(request(engine, prompt, rid="cancel-me", max_new_tokens=200))
+        engine.generate_one(request(engine, prompt, rid="cancel-me", max_new_tokens=500))
     )
     await wait_until(lambda: running_tokens(engine, "cancel-me") >= 2)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_until(lambda: running_tokens(engine, "cancel-me") == -1)
+    # Freed within a few steps, long before its 500 tokens could have been decoded.
+    await wait_until(lambda: running_tokens(engine, "cancel-me") == -1, timeout=5.0)
     assert (await run_one(engine, request(engine, FRANCE, max_new_tokens=4))).text
 
 
