@@ -69,9 +69,10 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1)
 
     # --- model -------------------------------------------------------------------------
-    backend: Literal["torch", "tensorrt_llm", "benchmark"] = Field(
+    backend: Literal["torch", "tensorrt_llm", "llama_cpp", "benchmark"] = Field(
         "torch",
         description="torch (reference, CPU/GPU), tensorrt_llm (GPU, in-flight batching), "
+        "llama_cpp (the GGUF on llama.cpp, CPU, in-flight batching), "
         "benchmark (zero-cost fixed completion, for measuring the pipeline itself).",
     )
     model_name: str = Field("smollm2-135m-instruct", description="Name requests may ask for.")
@@ -86,6 +87,15 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, description="Unset: torch's default.")
     torch_quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic int8 quantization of the Linear layers (CPU)."
+    )
+    llama_model: Path | None = Field(
+        None, description="llama_cpp backend: a GGUF file. Unset: the packaged SmolLM2 GGUF."
+    )
+    llama_threads: int | None = Field(
+        None, ge=1, description="llama_cpp backend: threads. Unset: the usable CPU cores."
+    )
+    llama_step_tokens: int = Field(
+        512, ge=1, description="llama_cpp backend: most tokens in one decode step (prefill chunk)."
     )
     trt_model: str | None = Field(
         None, description="TensorRT-LLM: HF model folder/name or engine dir given to LLM()."
@@ -182,6 +192,31 @@ class Settings(BaseSettings):
     metrics_snapshot_interval_ms: float = Field(
         1_000.0, gt=0, description="How often the metrics job persists its state and commits."
     )
+
+    # --- monitors and auto canary (streams/monitors/, streams/canary.py) --------------------
+    monitor_reference_size: int = Field(
+        200, ge=2, description="Results of a version that form its drift reference."
+    )
+    monitor_current_size: int = Field(
+        200, ge=2, description="Latest results compared with the reference."
+    )
+    monitor_min_current: int = Field(30, ge=2, description="Fewer current results: no reading.")
+    monitor_permutations: int = Field(200, ge=1, description="Permutations of the MMD test.")
+    monitor_alpha: float = Field(0.01, gt=0, lt=1, description="Drift flagged below this p.")
+    monitor_reference_file: Path | None = Field(
+        None, description="Pinned reference: JSONL of {prompt, completion_tokens}."
+    )
+    monitor_embed_batch: int = Field(64, ge=1, description="Prompts embedded per flush at most.")
+    canary_alpha: float = Field(0.05, gt=0, lt=1, description="Auto canary false-decision rate.")
+    canary_error_margin: float = Field(0.02, ge=0, description="Bad-answer share margin.")
+    canary_latency_margin: float = Field(0.25, ge=0, description="p99 margin (relative).")
+    canary_feedback_margin: float = Field(0.2, ge=0, description="Mean feedback score margin.")
+    canary_min_requests: int = Field(200, ge=1, description="Candidate results before PROMOTE.")
+    canary_max_requests: int = Field(
+        20_000, ge=1, description="Candidate results without a proof: ROLLBACK (inconclusive)."
+    )
+    canary_poll_s: float = Field(10.0, gt=0, description="How often --auto reads llm.metrics.")
+    canary_timeout_s: float = Field(3600.0, gt=0, description="--auto gives up (no command).")
 
     # --- worker ---------------------------------------------------------------------------
     worker_id: str = Field(
