@@ -170,11 +170,7 @@ def requests_channel(app: faust.App, settings: Settings) -> faust.TopicT:
 
 
 def _credentials(settings: Settings) -> Any:
-    if settings.kafka_sasl_mechanism and settings.kafka_sasl_username:
-        password = settings.kafka_sasl_password
-        return faust.SASLCredentials(
-            username=settings.kafka_sasl_username,
-            password=password.get_secret_value() if password else "",
-            mechanism=settings.kafka_sasl_mechanism,
-        )
-    return None
+    """Faust's broker credentials, TLS included (one implementation: streams.security)."""
+    from streams.security import faust_credentials
+
+    return faust_credentials(settings)

@@ -137,11 +137,8 @@ def test_worker_from_secure_env_answers_a_producer(secure: SecureCluster, tmp_pa
 
     worker_settings = secure.settings("worker")
     credentials = app_module._credentials(worker_settings)
-    if getattr(credentials, "ssl_context", None) is None:
-        pytest.xfail(
-            "streams/app.py: _credentials drops TLS (SASL_SSL becomes SASL over plain text); "
-            "it must return streams.security.faust_credentials(settings)"
-        )
+    # the Faust app gets TLS too (it used to be dropped: SASL over plain text)
+    assert getattr(credentials, "ssl_context", None) is not None
     env = {
         **secure.env("worker"),
         "SLUICE_HOME": str(secure.home),

@@ -507,13 +507,11 @@ async def test_hostile_but_admitted_requests_do_not_harm_batch_mates(model_dir: 
         assert together[0] == solo
         assert not isinstance(together[1], BaseException), together[1]
 
-        # The same request as written, past admission, breaks its batch.
+        # The same request as written, past admission: the engine's sampler is a second line
+        # of defence (it keeps the logits finite), so the batch-mate is unharmed here too.
         unguarded = adm.admit(record(request_id="raw", sampling={"max_new_tokens": 8}), WALL_MS)
         unguarded.sampling = Sampling(8, 1e-40, 1.0, (), 1)
-        try:
-            outcomes = await engine.generate([normal, unguarded])
-        except RuntimeError as exc:  # torch.multinomial: probabilities hold inf or nan
-            outcomes = [exc]
-        assert any(isinstance(o, BaseException) for o in outcomes)
+        outcomes = await engine.generate([normal, unguarded])
+        assert outcomes[0] == solo
     finally:
         await engine.stop()

@@ -417,7 +417,12 @@ def test_kustomization_lists_existing_files() -> None:
         assert (K8S / resource).is_file(), resource
     assert "worker.yaml" in kustomization["resources"]
     assert "worker-gpu.yaml" not in kustomization["resources"]  # one Deployment at a time
-    listed = set(kustomization["resources"]) | {"worker-gpu.yaml", "kustomization.yaml"}
+    # kafka-users.yaml goes in the Kafka cluster's namespace (the Strimzi user operator)
+    listed = set(kustomization["resources"]) | {
+        "worker-gpu.yaml",
+        "kustomization.yaml",
+        "kafka-users.yaml",
+    }
     assert {p.name for p in K8S.glob("*.yaml")} <= listed
 
 
