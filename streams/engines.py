@@ -35,6 +35,20 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             threads=settings.torch_threads,
             quantize=settings.torch_quantize,
         )
+    if settings.backend == "llama_cpp":
+        from inference.backends.llama_cpp import LlamaCppEngine, gguf_version
+        from inference.backends.model_files import find_smollm2_gguf
+
+        gguf = settings.llama_model or find_smollm2_gguf()
+        return LlamaCppEngine(
+            gguf,
+            model_name=settings.model_name,
+            model_version=settings.model_version or gguf_version(gguf),
+            max_batch_size=settings.batch_max_size,
+            context_tokens=settings.max_prompt_tokens + settings.max_new_tokens_limit,
+            step_tokens=max(settings.llama_step_tokens, settings.batch_max_size),
+            threads=settings.llama_threads,
+        )
     if settings.backend == "benchmark":
         from inference.backends.benchmark import BenchmarkEngine
 

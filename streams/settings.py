@@ -88,6 +88,26 @@ class Settings(BaseSettings):
     torch_quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic int8 quantization of the Linear layers (CPU)."
     )
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: float32 on CPU (bfloat16 is faster there but changes greedy "
+        "outputs), bfloat16 on CUDA (float16 where bf16 is missing).",
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the decode step on CPU (CUDA always compiles it)."
+    )
+    torch_max_seq_len: int = Field(
+        1_536, ge=2, description="Prompt + max_new_tokens per sequence (KV slot length)."
+    )
+    torch_max_prefill_tokens: int = Field(
+        512, ge=1, description="Prompt tokens prefilled together in one admission round."
+    )
+    torch_admit_batch: int = Field(
+        4, ge=1, description="While others decode, admit once this many wait (or slots fill)."
+    )
+    torch_admit_wait_steps: int = Field(
+        4, ge=0, description="...or once the oldest waiting request has waited this many steps."
+    )
     llama_model: Path | None = Field(
         None, description="llama_cpp backend: a GGUF file. Unset: the packaged SmolLM2 GGUF."
     )
