@@ -9,6 +9,12 @@ lengths) and writes every figure to ``<out_dir>/bench-<timestamp>.json`` plus PN
     of exact batch sizes through ``engine.generate`` (throughput vs batch size); with
     ``quantize_compare`` the same direct run on ``TorchEngine(quantize="int8")``, reported
     as speed-up and agreement with fp32 (identical greedy outputs, token overlap).
+``anchor`` (with direct, ``anchor=True``)
+    The same prompts through llama.cpp (``SLUICE_BACKEND=llama_cpp``, when
+    ``llama-cpp-python`` is installed), the fp32 torch engine and the configured engine,
+    one request at a time and with ``anchor_concurrency`` requests outstanding, in the same
+    run: output tokens/s of each engine as a ratio of llama.cpp's (one at a time and at the
+    same concurrency), and each engine's greedy agreement with the fp32 torch outputs.
 ``pipeline``
     The same prompts through the whole pipeline: fresh topics and consumer group, real
     ``sluice worker`` processes, :class:`SluiceClient` publishing and reading results.
@@ -74,6 +80,11 @@ STAGE_HELP = {
 TARGET_PIPELINE_RATIO = 0.95
 TARGET_CEILING_RPS = 10_000.0
 TARGET_HALF_RATE_ADDED_P99_MS = 15.0
+# The default CPU engine against llama.cpp one request at a time (same run, same prompts).
+TARGET_ANCHOR_BATCH1 = 1.0
+TARGET_ANCHOR_CONCURRENT = 3.0
+ANCHOR_ENGINE = "llama.cpp"
+REFERENCE_ENGINE = "torch fp32"
 BENCHMARK_ENGINE = "benchmark engine (zero-cost fixed completion, not a model)"
 REPORT_SCHEMA = "sluice-bench/1"
 
@@ -123,6 +134,12 @@ class BenchOptions:
     """Requests per sweep point; None: max(2 x size, 6), rounded up to whole batches."""
     modes: str = "direct,pipeline,ceiling"
     quantize_compare: bool = True
+    anchor: bool = True
+    """With direct: the anchor run (llama.cpp, fp32 torch and the configured engine)."""
+    anchor_requests: int = 16
+    """Prompts of the anchor run (the first of the prompt set)."""
+    anchor_concurrency: int = 16
+    """Requests outstanding in the anchor's concurrent pass (the other pass runs one)."""
     out_dir: Path = Path("bench-results")
     seed: int = 7
     stall_timeout_s: float = 180.0
@@ -149,7 +166,15 @@ class BenchOptions:
         self.mode_list()
         self.prompt_word_list()
         self.batch_size_list()
-        for name in ("requests", "pipeline_requests", "partitions", "workers", "max_new_tokens"):
+        for name in (
+            "requests",
+            "pipeline_requests",
+            "partitions",
+            "workers",
+            "max_new_tokens",
+            "anchor_requests",
+            "anchor_concurrency",
+        ):
             if getattr(self, name) < 1:
                 raise BenchError(f"{name} must be >= 1")
         if self.concurrency is not None and self.concurrency < 1:
@@ -440,6 +465,100 @@ def targets(modes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def anchor_figures(
+    runs: dict[str, dict[str, dict[str, Any]]],
+    agreement: dict[str, dict[str, Any]],
+    *,
+    anchor: str = ANCHOR_ENGINE,
+) -> list[dict[str, Any]]:
+    """One row per engine: output tokens/s one at a time and concurrent, as ratios of the
+    anchor's one-at-a-time figure and of its figure at the same concurrency, next to the
+    engine's greedy agreement with the fp32 reference. ``runs[label]`` holds the summaries
+    ``"one"`` and ``"concurrent"``."""
+    base = runs.get(anchor)
+    one_ref = base["one"]["output_tokens_per_s"] if base else None
+    conc_ref = base["concurrent"]["output_tokens_per_s"] if base else None
+    rows = []
+    for label, pair in runs.items():
+        one = pair["one"]["output_tokens_per_s"]
+        conc = pair["concurrent"]["output_tokens_per_s"]
+        rows.append(
+            {
+                "engine": label,
+                "engine_detail": pair["one"].get("engine"),
+                "one_tokens_per_s": one,
+                "concurrent_tokens_per_s": conc,
+                "concurrency": pair["concurrent"].get("concurrency"),
+                "one_vs_anchor_one": ratio(one, one_ref),
+                "concurrent_vs_anchor_one": ratio(conc, one_ref),
+                "concurrent_vs_anchor_concurrent": ratio(conc, conc_ref),
+                "agreement_with_fp32": agreement.get(label),
+            }
+        )
+    return rows
+
+
+def anchor_targets(anchor: dict[str, Any]) -> dict[str, Any]:
+    """The issue's CPU targets: the configured engine against llama.cpp one at a time."""
+    rows = {r["engine"]: r for r in anchor.get("engines", [])}
+    if ANCHOR_ENGINE not in rows or anchor.get("configured") not in rows:
+        return {}
+    row = rows[anchor["configured"]]
+    one, conc = row["one_vs_anchor_one"], row["concurrent_vs_anchor_one"]
+    return {
+        "anchor_batch1": {
+            "engine": row["engine"],
+            "value": one,
+            "target": TARGET_ANCHOR_BATCH1,
+            "met": one is not None and one >= TARGET_ANCHOR_BATCH1,
+        },
+        "anchor_concurrent": {
+            "engine": row["engine"],
+            "value": conc,
+            "concurrency": row["concurrency"],
+            "target": TARGET_ANCHOR_CONCURRENT,
+            "met": conc is not None and conc >= TARGET_ANCHOR_CONCURRENT,
+        },
+    }
+
+
+def anchor_engine_settings(settings: Settings) -> dict[str, Settings]:
+    """The engines of the anchor run, by label: llama.cpp (when installed), the fp32 torch
+    reference and the configured engine (when it is neither)."""
+    import importlib.util
+
+    engines: dict[str, Settings] = {}
+    if importlib.util.find_spec("llama_cpp") is not None:
+        engines[ANCHOR_ENGINE] = settings.model_copy(update={"backend": "llama_cpp"})
+    engines[REFERENCE_ENGINE] = settings.model_copy(
+        update={"backend": "torch", "torch_quantize": "none", "device": "cpu"}
+        | ({"torch_dtype": "float32"} if "torch_dtype" in type(settings).model_fields else {})
+    )
+    label = configured_label(settings)
+    if label not in engines:
+        engines[label] = settings
+    return engines
+
+
+def configured_label(settings: Settings) -> str:
+    """How the anchor names the configured engine."""
+    if settings.backend == "llama_cpp":
+        return ANCHOR_ENGINE
+    if settings.backend != "torch":
+        return settings.backend
+    dtype = getattr(settings, "torch_dtype", "auto")
+    quantize = settings.torch_quantize
+    if quantize == "none" and dtype in ("auto", "float32") and settings.device != "cuda":
+        if not getattr(settings, "torch_compile", False):
+            return REFERENCE_ENGINE
+    parts = ["torch", settings.device, dtype]
+    if quantize != "none":
+        parts.append(quantize)
+    if getattr(settings, "torch_compile", False):
+        parts.append("compiled")
+    return " ".join(parts)
+
+
 # ------------------------------------------------------------------------- direct mode
 
 
@@ -721,6 +840,69 @@ async def _quantize_phase(
         "agreement": agreement,
         "extra_run": other,
     }
+
+
+async def _anchor_phase(
+    settings: Settings,
+    options: BenchOptions,
+    prompts: Sequence[str],
+    progress: Progress,
+) -> dict[str, Any]:
+    """The anchor prompts through every anchor engine, one at a time and concurrent."""
+    from streams.engines import build_engine
+
+    engines = anchor_engine_settings(settings)
+    prompts = list(prompts[: options.anchor_requests])
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    texts: dict[str, list[str]] = {}
+    for label, engine_settings in engines.items():
+        engine = build_engine(engine_settings)
+        loading = progress.add_task(f"anchor: loading {label}", total=None)
+        await engine.start()
+        progress.update(loading, total=1, completed=1)
+        try:
+            pair: dict[str, dict[str, Any]] = {}
+            for name, concurrency in (("one", 1), ("concurrent", options.anchor_concurrency)):
+                task = progress.add_task(
+                    f"anchor: {label}, {concurrency} at a time", total=len(prompts)
+                )
+                run = await _direct_run(
+                    engine,
+                    engine_settings,
+                    prompts,
+                    max_new_tokens=options.max_new_tokens,
+                    rate=None,
+                    concurrency=concurrency,
+                    label=f"anchor-{name}",
+                    engine_label=_engine_label(engine),
+                    on_done=lambda task=task: progress.advance(task),
+                )
+                pair[name] = run.summary
+                if name == "one":
+                    texts[label] = _texts(run.samples)
+            runs[label] = pair
+        finally:
+            await engine.stop()
+    reference = texts[REFERENCE_ENGINE]
+    agreement = {
+        label: compare_outputs(reference, other, str.split) for label, other in texts.items()
+    }
+    out: dict[str, Any] = {
+        "anchor": ANCHOR_ENGINE,
+        "reference": REFERENCE_ENGINE,
+        "configured": configured_label(settings),
+        "prompts": len(prompts),
+        "max_new_tokens": options.max_new_tokens,
+        "agreement_tokens": "words (str.split)",
+        "engines": anchor_figures(runs, agreement),
+        "runs": runs,
+        "outputs": texts,
+    }
+    if ANCHOR_ENGINE not in runs:
+        out["skipped_anchor"] = (
+            'llama-cpp-python is not installed (pip install "sluice[llamacpp]"): no ratios'
+        )
+    return out
 
 
 def _texts(samples: Sequence[Sample]) -> list[str]:
@@ -1242,6 +1424,11 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
                     report["quantize"] = direct["quantize"]
                     for name, texts in direct["quantize"].pop("outputs", {}).items():
                         report.setdefault("outputs", {})[f"direct-{name}"] = texts
+                if options.anchor:
+                    anchor = asyncio.run(_anchor_phase(model_settings, options, prompts, progress))
+                    for label, texts in anchor.pop("outputs").items():
+                        report.setdefault("outputs", {})[f"anchor {label}"] = texts
+                    report["anchor"] = anchor
             if "pipeline" in modes or "ceiling" in modes:
                 broker.open(progress)
                 env["kafka_version"] = broker.kafka_version
@@ -1269,7 +1456,7 @@ def run_bench(settings: Settings, options: BenchOptions, console: Console) -> di
     if "direct" in samples and "pipeline" in samples:
         agreement = compare_outputs(outputs["direct"], outputs["pipeline"], str.split)
         report["modes"]["pipeline"]["agreement_with_direct_words"] = agreement
-    report["targets"] = targets(report["modes"])
+    report["targets"] = targets(report["modes"]) | anchor_targets(report.get("anchor", {}))
     if hasattr(os, "getloadavg"):
         env["load_average_at_end"] = list(os.getloadavg())
     env["busy_warning"] = busy or _busy_warning(
@@ -1523,6 +1710,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(table)
     elif quantize:
         console.print(f"[yellow]int8 compare skipped[/]: {quantize['skipped']}")
+    anchor = report.get("anchor")
+    if anchor:
+        console.print(_anchor_table(anchor))
     table = Table(title="Targets")
     for col in ("figure", "value", "target", ""):
         table.add_column(col, justify="right" if col in ("value", "target") else "left")
@@ -1549,6 +1739,15 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"<= {TARGET_HALF_RATE_ADDED_P99_MS:.0f}",
             _mark(h["met"]),
         )
+    for key, what in (("anchor_batch1", "one at a time"), ("anchor_concurrent", "concurrent")):
+        if key in t:
+            a = t[key]
+            table.add_row(
+                f"{a['engine']} / llama.cpp one at a time, {what} tok/s",
+                _num(a["value"], 2),
+                f">= {a['target']:.1f}",
+                _mark(a["met"]),
+            )
     if t:
         console.print(table)
     busy = report.get("environment", {}).get("busy_warning")
@@ -1558,6 +1757,40 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(f"Wrote {files['json']}")
     for path in files.get("plots", {}).values():
         console.print(f"Wrote {path}")
+
+
+def _anchor_table(anchor: dict[str, Any]) -> Table:
+    conc = anchor["engines"][0]["concurrency"] if anchor["engines"] else "-"
+    table = Table(
+        title=f"anchor: output tokens/s against {anchor['anchor']} "
+        f"({anchor['prompts']} prompts, {anchor['max_new_tokens']} new tokens, greedy)"
+    )
+    for col in (
+        "engine",
+        "1 at a time",
+        f"{conc} concurrent",
+        "x llama.cpp (1)",
+        f"{conc} conc. x llama.cpp (1)",
+        f"x llama.cpp ({conc})",
+        "identical to fp32",
+        "word overlap",
+    ):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for row in anchor["engines"]:
+        a = row["agreement_with_fp32"] or {}
+        table.add_row(
+            row["engine"],
+            _num(row["one_tokens_per_s"]),
+            _num(row["concurrent_tokens_per_s"]),
+            _num(row["one_vs_anchor_one"], 2),
+            _num(row["concurrent_vs_anchor_one"], 2),
+            _num(row["concurrent_vs_anchor_concurrent"], 2),
+            _pct(a.get("identical")),
+            _pct(a.get("token_overlap")),
+        )
+    if anchor.get("skipped_anchor"):
+        table.caption = anchor["skipped_anchor"]
+    return table
 
 
 def _pct(value: float | None) -> str:
