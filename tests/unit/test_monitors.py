@@ -271,3 +271,50 @@ def test_the_offline_embedder_sees_a_topic_shift(monkeypatch: pytest.MonkeyPatch
     shift = mmd_test(general[:40], coding, permutations=200, rng=rng)
     assert calm.p_value > 0.01
     assert shift.p_value < 0.01 and shift.statistic > calm.statistic
+
+
+# -- alert rules ----------------------------------------------------------------------------
+PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; a missing one skips locally and fails in CI (make test installs it)."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing in CI: make test installs Debian's prometheus")
+        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["check", "rules", "monitors.rules.yml"], ["test", "rules", "monitors.rules.test.yml"]],
+    ids=["check", "test"],
+)
+def test_monitor_alert_rules_with_promtool(args: list[str]) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [require_tool("promtool"), *args],
+        cwd=PROMETHEUS_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_monitor_gauge_has_an_alert() -> None:
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load((PROMETHEUS_DIR / "monitors.rules.yml").read_text())
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    collector = MonitorCollector(CollectorRegistry())
+    names = {g._name for g in vars(collector).values()}
+    # the statistics themselves are for dashboards; their p-values are what alerts
+    statistics = {"sluice_monitor_prompt_drift_mmd2", "sluice_monitor_response_length_ks"}
+    missing = {n for n in names - statistics if n not in exprs}
+    assert not missing, missing
