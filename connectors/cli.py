@@ -436,7 +436,12 @@ def _read_rollout(settings: Settings):  # type: ignore[no-untyped-def]
     )
 
 
-def _send_control(command: str, version: str | None = None, percent: int | None = None) -> None:
+def _send_control(
+    command: str,
+    version: str | None = None,
+    percent: int | None = None,
+    issued_by: str | None = None,
+):  # type: ignore[no-untyped-def]
     """Fold llm.control, check COMMAND against that state with the workers' own rules
     (``RolloutState.transition``), then publish it; a refused command is not sent."""
     import getpass
@@ -459,7 +464,7 @@ def _send_control(command: str, version: str | None = None, percent: int | None 
                 model=settings.model_name,
                 version=version,
                 percent=percent,
-                issued_by=getpass.getuser(),
+                issued_by=issued_by or getpass.getuser(),
             )
         finally:
             await client.stop()
@@ -475,6 +480,7 @@ def _send_control(command: str, version: str | None = None, percent: int | None 
         "every worker applies it"
     )
     _print_rollout(state, commands, settings.control_topic)
+    return state
 
 
 @model_app.command("status")
@@ -514,9 +520,92 @@ def model_load(version: str = typer.Argument(..., help="A registered version."))
 
 
 @model_app.command("canary")
-def model_canary(percent: int = typer.Argument(..., min=0, max=100)) -> None:
+def model_canary(
+    percent: int = typer.Argument(..., min=0, max=100),
+    auto: bool = typer.Option(
+        False,
+        "--auto",
+        help="Then watch llm.metrics and PROMOTE or ROLLBACK by the canary analysis.",
+    ),
+) -> None:
     """Route PERCENT % of requests (by request_id hash) to the candidate."""
-    _send_control("CANARY", percent=percent)
+    started_ms = int(time.time() * 1000)
+    state = _send_control("CANARY", percent=percent)
+    if auto:
+        _auto_canary(state.candidate, started_ms)
+
+
+def _auto_canary(candidate: str, since_ms: int) -> None:
+    """Read MetricsWindow records of the candidate and of the version beside it (the base)
+    since ``since_ms``, decide with ``streams.canary.decide`` every ``SLUICE_CANARY_POLL_S``
+    and publish PROMOTE or ROLLBACK with the evidence (or give up after the timeout)."""
+    import getpass
+    import json
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from schemas.codec import codec_from_registry_url
+    from streams.bootstrap import resolve_bootstrap
+    from streams.canary import CanaryPolicy, arm_stats, base_version, decide, window_start_ms
+    from streams.kafka_clients import stop_consumer, topic_partitions
+
+    settings = _settings()
+    policy = CanaryPolicy(
+        alpha=settings.canary_alpha,
+        error_margin=settings.canary_error_margin,
+        latency_margin=settings.canary_latency_margin,
+        feedback_margin=settings.canary_feedback_margin,
+        min_requests=settings.canary_min_requests,
+        max_requests=settings.canary_max_requests,
+    )
+    codec = codec_from_registry_url(settings.schema_registry_url)
+
+    async def watch():  # type: ignore[no-untyped-def]
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=resolve_bootstrap(settings),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            **settings.kafka_client_options(),
+        )
+        await consumer.start()
+        windows: list[dict] = []
+        try:
+            topic = settings.metrics_topic
+            tps = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
+            if not tps:
+                raise typer.BadParameter(f"{topic} does not exist: is a metrics worker running?")
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            give_up = time.monotonic() + settings.canary_timeout_s
+            next_look = time.monotonic() + settings.canary_poll_s
+            while time.monotonic() < give_up:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for record in records:
+                        _, window = await adecode(codec, record.value, expected="MetricsWindow")
+                        if window_start_ms(window) >= since_ms and window["model"]:
+                            windows.append(window)  # model "": dead letters, not a version
+                if time.monotonic() < next_look:
+                    continue
+                next_look = time.monotonic() + settings.canary_poll_s
+                base = base_version(windows, candidate)
+                decision = decide(arm_stats(candidate, windows), arm_stats(base, windows), policy)
+                err.print(f"[dim]canary {candidate} vs {base or '?'}: {decision.reason}[/]")
+                if decision.command is not None:
+                    return decision
+            return None
+        finally:
+            await stop_consumer(consumer)
+
+    from schemas.registry import adecode
+
+    decision = asyncio.run(watch())
+    if decision is None:
+        err.print("[yellow]no decision within SLUICE_CANARY_TIMEOUT_S; nothing was sent[/]")
+        raise typer.Exit(3)
+    print(json.dumps(decision.evidence(), default=str))
+    err.print(f"{decision.verdict}: {escape(decision.reason)}")
+    _send_control(decision.verdict, issued_by=f"canary-auto:{getpass.getuser()}")
 
 
 @model_app.command("promote")

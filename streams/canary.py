@@ -294,3 +294,19 @@ def decide(
         return verdict("ROLLBACK", f"inconclusive after {n} candidate results: {unproven}")
     waiting = regressions or unproven or [f"{n}/{policy.min_requests} candidate results"]
     return verdict("CONTINUE", "needs more traffic: " + "; ".join(waiting))
+
+
+def window_start_ms(window: Mapping[str, Any]) -> int:
+    """A window's start in epoch ms (Avro readers may give a datetime)."""
+    start = window["window_start"]
+    return start if isinstance(start, int) else int(start.timestamp() * 1000)
+
+
+def base_version(windows: Iterable[Mapping[str, Any]], candidate: str) -> str:
+    """The version served beside the candidate: the other one with the most requests."""
+    totals: dict[str, int] = {}
+    for w in windows:
+        version = w.get("model_version") or ""
+        if w.get("model") and version != candidate:
+            totals[version] = totals.get(version, 0) + int(w.get("requests_total") or 0)
+    return max(totals, key=lambda v: totals[v]) if totals else ""

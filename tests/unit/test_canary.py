@@ -217,3 +217,21 @@ def test_policy_validates() -> None:
     with pytest.raises(ValueError):
         CanaryPolicy(min_requests=10, min_rollback_requests=20)
     assert isinstance(arm_stats("x", []), ArmStats)
+
+
+def test_the_base_is_the_other_version_with_most_traffic() -> None:
+    from datetime import UTC, datetime
+
+    from streams.canary import base_version, window_start_ms
+
+    windows = [
+        {"model": "m", "model_version": CANDIDATE, "requests_total": 500},
+        {"model": "m", "model_version": BASE, "requests_total": 80},
+        {"model": "m", "model_version": "old", "requests_total": 3},
+        {"model": "", "model_version": "", "requests_total": 900},  # dead letters
+    ]
+    assert base_version(windows, CANDIDATE) == BASE
+    assert base_version([], CANDIDATE) == ""
+    assert window_start_ms({"window_start": 1_000}) == 1_000
+    when = datetime(2027, 1, 1, tzinfo=UTC)
+    assert window_start_ms({"window_start": when}) == int(when.timestamp() * 1000)
