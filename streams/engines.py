@@ -34,6 +34,13 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             max_batch_size=settings.batch_max_size,
             threads=settings.torch_threads,
             quantize=settings.torch_quantize,
+            dtype=settings.torch_dtype,
+            compile=settings.torch_compile,
+            max_seq_len=settings.torch_max_seq_len,
+            max_batch_tokens=settings.batch_max_tokens,
+            max_prefill_tokens=settings.torch_max_prefill_tokens,
+            admit_batch=settings.torch_admit_batch,
+            admit_wait_steps=settings.torch_admit_wait_steps,
         )
     if settings.backend == "llama_cpp":
         from inference.backends.llama_cpp import LlamaCppEngine, gguf_version
