@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
         batch_sizes="1,2",
         sweep_requests=2,
         partitions=2,
+        anchor_requests=2,
+        anchor_concurrency=2,
         out_dir=tmp_path / "out",
     )
     console = Console(record=True, width=160)
@@ -95,6 +98,17 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert len(outputs[name]) == 4, name
     assert outputs["direct"] == outputs["direct-fp32"]
 
+    anchor = saved["anchor"]
+    rows = {r["engine"]: r for r in anchor["engines"]}
+    assert anchor["prompts"] == 2 and anchor["configured"] == "torch fp32"
+    assert rows["torch fp32"]["agreement_with_fp32"]["identical"] == 1.0  # the reference
+    assert len(outputs["anchor torch fp32"]) == 2
+    if importlib.util.find_spec("llama_cpp") is not None:  # installed by `make install`
+        llama = rows["llama.cpp"]
+        assert llama["one_tokens_per_s"] > 0 and llama["concurrent_tokens_per_s"] > 0
+        assert rows["torch fp32"]["one_vs_anchor_one"] > 0
+        assert 0.0 <= llama["agreement_with_fp32"]["identical"] <= 1.0
+        assert saved["targets"]["anchor_batch1"]["value"] > 0
     targets = saved["targets"]
     assert targets["pipeline_vs_direct"]["requests_ratio"] > 0
     assert targets["ceiling_requests_per_s"]["value"] > 0
@@ -106,3 +120,4 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
         assert not [t for t in left if t.startswith(prefix)]
     out = console.export_text()
     assert "Targets" in out and "pipeline / direct" in out
+    assert "anchor: output tokens/s against llama.cpp" in out

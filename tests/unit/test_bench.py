@@ -241,6 +241,62 @@ def test_targets() -> None:
     assert targets({}) == {}
 
 
+# -- anchor --------------------------------------------------------------------------------
+def _pair(one: float, concurrent: float) -> dict:
+    return {
+        "one": {"output_tokens_per_s": one, "engine": "E", "concurrency": 1},
+        "concurrent": {"output_tokens_per_s": concurrent, "concurrency": 16},
+    }
+
+
+def test_anchor_figures_are_ratios_of_llama_cpp() -> None:
+    runs = {"llama.cpp": _pair(80.0, 200.0), "torch fp32": _pair(20.0, 240.0)}
+    agreement = {"llama.cpp": {"identical": 0.5}, "torch fp32": {"identical": 1.0}}
+    rows = {r["engine"]: r for r in bench.anchor_figures(runs, agreement)}
+    torch_row = rows["torch fp32"]
+    assert torch_row["one_vs_anchor_one"] == pytest.approx(0.25)
+    assert torch_row["concurrent_vs_anchor_one"] == pytest.approx(3.0)
+    assert torch_row["concurrent_vs_anchor_concurrent"] == pytest.approx(1.2)
+    assert torch_row["agreement_with_fp32"] == {"identical": 1.0}
+    assert torch_row["concurrency"] == 16
+    assert rows["llama.cpp"]["one_vs_anchor_one"] == pytest.approx(1.0)
+    # Without llama.cpp there is nothing to divide by: figures stay, ratios are None.
+    (alone,) = bench.anchor_figures({"torch fp32": _pair(20.0, 240.0)}, {})
+    assert alone["one_tokens_per_s"] == 20.0 and alone["one_vs_anchor_one"] is None
+
+
+def test_anchor_targets() -> None:
+    runs = {"llama.cpp": _pair(80.0, 200.0), "torch fp32": _pair(100.0, 230.0)}
+    anchor = {"configured": "torch fp32", "engines": bench.anchor_figures(runs, {})}
+    t = bench.anchor_targets(anchor)
+    assert t["anchor_batch1"]["value"] == pytest.approx(1.25) and t["anchor_batch1"]["met"]
+    assert t["anchor_concurrent"]["value"] == pytest.approx(230.0 / 80.0)
+    assert t["anchor_concurrent"]["met"] is False  # below 3x llama.cpp one at a time
+    assert bench.anchor_targets({}) == {}
+    no_llama = {"configured": "torch fp32", "engines": bench.anchor_figures({"x": _pair(1, 2)}, {})}
+    assert bench.anchor_targets(no_llama) == {}
+
+
+def test_anchor_engines_and_labels(tmp_path: Path) -> None:
+    import importlib.util
+
+    base = Settings(home=tmp_path)
+    engines = bench.anchor_engine_settings(base)
+    assert bench.configured_label(base) == bench.REFERENCE_ENGINE
+    assert engines[bench.REFERENCE_ENGINE].backend == "torch"
+    assert engines[bench.REFERENCE_ENGINE].torch_quantize == "none"
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    assert (bench.ANCHOR_ENGINE in engines) == has_llama
+    assert len(engines) == 1 + has_llama  # the configured engine is the reference
+    if has_llama:
+        assert engines[bench.ANCHOR_ENGINE].backend == "llama_cpp"
+    int8 = base.model_copy(update={"torch_quantize": "int8"})
+    assert bench.configured_label(int8) == "torch auto auto int8"
+    assert bench.anchor_engine_settings(int8)["torch auto auto int8"] is int8
+    llama = base.model_copy(update={"backend": "llama_cpp"})
+    assert bench.configured_label(llama) == bench.ANCHOR_ENGINE
+
+
 # -- options and settings --------------------------------------------------------------------
 def test_options_parse_and_validate() -> None:
     o = BenchOptions(modes="ceiling, direct", batch_sizes="8,1,8", prompt_words="8, 32")
