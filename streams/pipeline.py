@@ -410,12 +410,9 @@ class IntakePipeline:
             "can be restarted, and its unanswered requests are read again",
             error,
         )
-        self._closing_intake()
+        self._slots.close()  # no more records are taken
         if self._on_fatal is not None:
             self._on_fatal(error)
-
-    def _closing_intake(self) -> None:
-        self._slots.close()
 
     # -- output ------------------------------------------------------------------------
     def _publish_result(
