@@ -7,7 +7,8 @@ codec, ``InvalidRequestError`` from admission) is a crash: atheris stops and pri
 input. So is resident memory growing past ``SLUICE_FUZZ_RSS_GROWTH_MB`` (512) over what
 the process held after setup: the check reads the *current* RSS, because libFuzzer's own
 ``-rss_limit_mb`` reads the peak, and Linux carries the peak over from a parent that
-spawned us with vfork (a pytest process holding a model reads as a multi-GiB "leak"). ``tests/unit/test_fuzz_intake.py`` runs it for a bounded time in ``make test``.
+spawned us with vfork (a pytest process holding a model reads as a multi-GiB "leak").
+``tests/unit/test_fuzz_intake.py`` runs it for a bounded time in ``make test``.
 """
 
 from __future__ import annotations
