@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_HEADS = ("exact", "rescored")
 _MASK32 = 0xFFFFFFFF
 
 
@@ -94,9 +95,12 @@ class TorchEngine(Engine):
         max_prefill_tokens: int = 512,
         admit_batch: int = 4,
         admit_wait_steps: int = 4,
+        lm_head: str = "exact",
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
+        if lm_head not in _HEADS:
+            raise ValueError(f"lm_head must be one of {_HEADS}, not {lm_head!r}")
         if max_seq_len < 2:
             raise ValueError("max_seq_len must be >= 2")
         self.model_dir = Path(model_dir)
@@ -106,6 +110,7 @@ class TorchEngine(Engine):
         self.quantize = quantize
         self.max_seq_len = max_seq_len
         self.compile = compile
+        self.lm_head = lm_head
         self.limits = SchedulerLimits(
             max_slots=max_batch_size,
             max_tokens=max(max_batch_tokens, max_seq_len),
@@ -183,6 +188,8 @@ class TorchEngine(Engine):
         self._vocab_size = int(model.config.vocab_size)
         if self.quantize == "int8":
             self._quantize_int8()
+        elif self.lm_head == "rescored":
+            self._rescore_head(torch)
         self._eos_ids = self._end_token_ids()
         pad = self._tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
@@ -196,6 +203,17 @@ class TorchEngine(Engine):
             self.static_shapes,
             self.compile or self.device == "cuda",
         )
+
+    def _rescore_head(self, torch: Any) -> None:
+        """bf16 output projection with the top-k logits recomputed in fp32
+        (``torch_head.py``); only where it helps: fp32 weights on CPU."""
+        from inference.backends.torch_head import rescored_head
+
+        if self.device != "cpu" or self._model.dtype != torch.float32:
+            logger.info("lm_head=rescored applies to fp32 on CPU only; kept the exact head")
+            self.lm_head = "exact"
+            return
+        self._model.lm_head = rescored_head(self._model.lm_head)
 
     def _quantize_int8(self) -> None:
         """Dynamic int8 quantization of every Linear layer (weights int8, activations

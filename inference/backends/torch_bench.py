@@ -4,6 +4,7 @@ requests, greedy, next to agreement with fp32 greedy outputs.
 Not a test and not part of the worker: a measuring tool, run by hand::
 
     .venv/bin/python -m inference.backends.torch_bench                     # fp32 + bf16
+    .venv/bin/python -m inference.backends.torch_bench --variants fp32,fp32-rescored,llama_cpp
     .venv/bin/python -m inference.backends.torch_bench --variants fp32,bf16,fp32-compile \\
         --baseline-ref bb89c34 --threads 2 --json bench-results/torch-engine.json
 
@@ -11,8 +12,14 @@ Not a test and not part of the worker: a measuring tool, run by hand::
 static-batch engine) and measures it in the same run, on the same prompts: batch 1 = one
 request at a time, concurrent = all of them in one ``generate`` call.
 
-Each variant reports tokens/s (completion tokens / wall time) for the two loads and the
-share of its outputs identical to the reference (this engine, fp32, one at a time).
+``llama_cpp`` as a variant runs the packaged GGUF through the llama.cpp backend (the
+anchor) and prints every figure as a ratio to its batch-1 tokens/s.
+
+All engines are started first, then ``--rounds`` rounds interleave them (each runs each
+load in turn), so a change in machine load hits every engine alike: on a shared machine
+the ratios are the figures to trust. Each variant reports tokens/s (completion tokens /
+wall time) for the two loads and the share of its outputs identical to the reference
+(this engine, fp32, exact head, one at a time).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp32-compile": {"dtype": "float32", "compile": True},
     "bf16-compile": {"dtype": "bfloat16", "compile": True},
     "fp32-static": {"dtype": "float32", "static_shapes": True},
+    "fp32-rescored": {"dtype": "float32", "lm_head": "rescored"},
+    "fp32-rescored-compile": {"dtype": "float32", "lm_head": "rescored", "compile": True},
 }
 
 
@@ -111,73 +120,107 @@ async def timed(engine: Any, reqs: list[GenerationRequest], concurrent: bool) ->
     return elapsed, outs
 
 
-async def measure(
-    name: str,
-    engine: Any,
-    *,
-    new_tokens: int,
-    concurrency: int,
-    reference: dict[str, list[str]],
-) -> list[Figure]:
-    await engine.start()
-    figures = []
-    try:
-        prompts = list(CHAT_PROMPTS)
-        many = [prompts[i % len(prompts)] for i in range(concurrency)]
-        for load, batch, concurrent in (
-            ("batch 1", prompts, False),
-            (f"{concurrency} concurrent", many, True),
-        ):
-            reqs = make_requests(engine, batch, new_tokens)
-            await timed(engine, reqs[:2], concurrent)  # warm this shape
-            seconds, outs = await timed(engine, reqs, concurrent)
-            texts = [o.text for o in outs]
-            base = reference.setdefault("batch 1", texts)  # the first engine's batch 1
-            ref = [base[prompts.index(p)] for p in batch]
-            same = sum(a == b for a, b in zip(texts, ref, strict=True)) / len(texts)
-            tokens = sum(o.completion_tokens for o in outs)
-            figures.append(Figure(name, load, len(reqs), tokens, seconds, tokens / seconds, same))
-            print(
-                f"{name:>16} | {load:>14} | {tokens:5d} tok | {seconds:7.2f} s | "
-                f"{tokens / seconds:7.1f} tok/s | identical to fp32 ref {same:.0%}",
-                flush=True,
-            )
-    finally:
-        await engine.stop()
-    return figures
+LOADS = ("batch 1", "concurrent")
+
+
+def _llama_cpp_engine(args: argparse.Namespace) -> Any:
+    """The anchor: the packaged GGUF (Q4_1) through the llama.cpp backend."""
+    from inference.backends.llama_cpp import LlamaCppEngine
+    from inference.backends.model_files import find_smollm2_gguf
+
+    return LlamaCppEngine(
+        find_smollm2_gguf(),
+        model_name="m",
+        model_version="v",
+        max_batch_size=args.concurrency,
+        threads=args.threads,
+    )
+
+
+async def measure_round(
+    engine: Any, *, new_tokens: int, concurrency: int, load: str
+) -> tuple[float, list[Completion]]:
+    """One pass of a load: the 8 prompts one at a time, or ``concurrency`` together."""
+    prompts = list(CHAT_PROMPTS)
+    batch = prompts if load == "batch 1" else [prompts[i % 8] for i in range(concurrency)]
+    return await timed(engine, make_requests(engine, batch, new_tokens), load != "batch 1")
 
 
 async def run(args: argparse.Namespace) -> list[Figure]:
+    """Every engine started at once, then ``rounds`` rounds in which each engine runs
+    each load in turn: a change of machine load hits all engines alike, so the ratios
+    hold on a shared machine even where the absolute figures do not."""
     from inference.backends.model_files import resolve_model_dir
     from inference.backends.torch import TorchEngine
 
     repo = _REPO
     model_dir = resolve_model_dir(None, repo / ".sluice" / "models")
     common = {"model_name": "m", "model_version": "v", "device": "cpu", "threads": args.threads}
-    reference: dict[str, list[str]] = {}
-    figures: list[Figure] = []
+    engines: dict[str, Any] = {}
     # The reference first: this engine, fp32 (its batch-1 outputs are the yardstick).
-    names = ["fp32", *[v for v in args.variants if v != "fp32"]]
-    for name in names:
-        engine = TorchEngine(model_dir, max_batch_size=args.concurrency, **common, **VARIANTS[name])
-        figures += await measure(
-            name,
-            engine,
-            new_tokens=args.new_tokens,
-            concurrency=args.concurrency,
-            reference=reference,
-        )
+    for name in ["fp32", *[v for v in args.variants if v != "fp32"]]:
+        if name == "llama_cpp":
+            engines[name] = _llama_cpp_engine(args)
+        else:
+            engines[name] = TorchEngine(
+                model_dir, max_batch_size=args.concurrency, **common, **VARIANTS[name]
+            )
     if args.baseline_ref:
         old = load_baseline(args.baseline_ref, repo)
-        engine = old(model_dir, max_batch_size=args.concurrency, **common)
-        figures += await measure(
-            f"static@{args.baseline_ref}",
-            engine,
-            new_tokens=args.new_tokens,
-            concurrency=args.concurrency,
-            reference=reference,
+        engines[f"static@{args.baseline_ref}"] = old(
+            model_dir, max_batch_size=args.concurrency, **common
         )
+    totals: dict[tuple[str, str], list[float]] = {}
+    texts: dict[tuple[str, str], list[str]] = {}
+    try:
+        for engine in engines.values():
+            await engine.start()
+            for load in LOADS:  # warm every shape once
+                await measure_round(engine, new_tokens=8, concurrency=args.concurrency, load=load)
+        for r in range(args.rounds):
+            for name, engine in engines.items():
+                for load in LOADS:
+                    seconds, outs = await measure_round(
+                        engine, new_tokens=args.new_tokens, concurrency=args.concurrency, load=load
+                    )
+                    tokens = sum(o.completion_tokens for o in outs)
+                    acc = totals.setdefault((name, load), [0.0, 0.0, 0.0])
+                    acc[0] += seconds
+                    acc[1] += tokens
+                    acc[2] += len(outs)
+                    texts[(name, load)] = [o.text for o in outs]
+                    print(
+                        f"round {r + 1}/{args.rounds} {name:>22} | {load:>10} | "
+                        f"{tokens / seconds:7.1f} tok/s",
+                        flush=True,
+                    )
+    finally:
+        for engine in engines.values():
+            await engine.stop()
+    reference = texts[("fp32", "batch 1")]
+    figures = []
+    for (name, load), (seconds, tokens, requests) in totals.items():
+        got = texts[(name, load)]
+        same = sum(t == reference[i % 8] for i, t in enumerate(got)) / len(got)
+        label = "batch 1" if load == "batch 1" else f"{args.concurrency} concurrent"
+        figures.append(
+            Figure(name, label, int(requests), int(tokens), seconds, tokens / seconds, same)
+        )
+    print_table(figures)
     return figures
+
+
+def print_table(figures: list[Figure]) -> None:
+    anchor = {f.load: f.tokens_per_s for f in figures if f.engine == "llama_cpp"}
+    one = anchor.get("batch 1")
+    print()
+    for f in figures:
+        vs = f" | {f.tokens_per_s / one:5.2f}x llama.cpp batch 1" if one else ""
+        print(
+            f"{f.engine:>22} | {f.load:>14} | {f.completion_tokens:6d} tok | {f.seconds:8.2f} s | "
+            f"{f.tokens_per_s:7.1f} tok/s{vs} | "
+            f"identical to fp32 ref {f.identical_to_reference:.0%}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,11 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS and v != "llama_cpp"]
     if unknown:
-        parser.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+        parser.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)} and llama_cpp")
     figures = asyncio.run(run(args))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -402,6 +402,28 @@ async def test_static_shape_path_gives_the_same_tokens(
         await static.stop()
 
 
+async def test_rescored_head_keeps_the_fp32_greedy_tokens(
+    engine: TorchEngine, model_dir: Path
+) -> None:
+    rescored = TorchEngine(
+        model_dir, model_name="m", model_version="v", device="cpu", lm_head="rescored"
+    )
+    await rescored.start()
+    try:
+        assert rescored.lm_head == "rescored"
+        assert type(rescored._model.lm_head).__name__ == "RescoredHead"
+        reqs = [request(engine, p, rid=f"h{i}", max_new_tokens=24) for i, p in enumerate(PROMPTS)]
+        expected = [c.text for c in await run_batch(engine, reqs)]
+        assert [c.text for c in await run_batch(rescored, reqs)] == expected
+    finally:
+        await rescored.stop()
+
+
+def test_an_unknown_head_is_refused(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="lm_head"):
+        TorchEngine(model_dir, model_name="m", model_version="v", lm_head="fast")
+
+
 # -- device errors ---------------------------------------------------------------------------
 
 
