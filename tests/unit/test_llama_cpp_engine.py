@@ -18,18 +18,12 @@ import pytest_asyncio
 from inference.backends.llama_cpp import LlamaCppEngine
 from inference.backends.model_files import find_smollm2_gguf
 from inference.errors import EngineError
-from inference.types import Completion, GenerationRequest, Sampling
+from inference.types import GenerationRequest
+from tests.unit.engine_contract import FRANCE, PROMPTS, STORY, request, run_batch, run_one
 
 pytestmark = pytest.mark.slow
 
-FRANCE = "What is the capital of France?"
 CAPITAL = "The capital of France is"
-STORY = "Tell me a short story about a dragon."
-PROMPTS = [
-    "Hi",
-    FRANCE,
-    "Write one sentence about the ocean and explain, in simple words, why it looks blue.",
-]
 MORE_PROMPTS = [
     "Name three colours.",
     "What is 2 + 2?",
@@ -61,38 +55,6 @@ async def engine() -> AsyncIterator[LlamaCppEngine]:
     await eng.start()
     yield eng
     await eng.stop()
-
-
-def request(
-    engine: LlamaCppEngine,
-    prompt: str,
-    *,
-    raw: bool = False,
-    system: str | None = None,
-    rid: str = "r",
-    **sampling: object,
-) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=rid,
-        prompt=prompt,
-        sampling=Sampling(**sampling),  # type: ignore[arg-type]
-        system=system,
-        raw=raw,
-        prompt_ids=engine.encode_prompt(prompt, system=system, raw=raw),
-    )
-
-
-async def run_one(engine: LlamaCppEngine, req: GenerationRequest) -> Completion:
-    (outcome,) = await engine.generate([req])
-    assert isinstance(outcome, Completion), outcome
-    return outcome
-
-
-async def run_batch(engine: LlamaCppEngine, reqs: list[GenerationRequest]) -> list[Completion]:
-    outcomes = await engine.generate(reqs)
-    assert len(outcomes) == len(reqs)
-    assert all(isinstance(o, Completion) for o in outcomes), outcomes
-    return outcomes  # type: ignore[return-value]
 
 
 # -- basics ----------------------------------------------------------------------------------

@@ -16,18 +16,10 @@ import pytest_asyncio
 
 from inference.backends.torch import TorchEngine, bucket_size, hash_uniform
 from inference.errors import EngineDeadError, EngineError
-from inference.types import Completion, GenerationRequest, Sampling
+from inference.types import GenerationRequest, Sampling
+from tests.unit.engine_contract import FRANCE, PROMPTS, STORY, request, run_batch, run_one
 
 pytestmark = pytest.mark.slow
-
-FRANCE = "What is the capital of France?"
-STORY = "Tell me a short story about a dragon."
-# Three prompts of clearly different lengths, so a batch of them needs left padding.
-PROMPTS = [
-    "Hi",
-    FRANCE,
-    "Write one sentence about the ocean and explain, in simple words, why it looks blue.",
-]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -36,38 +28,6 @@ async def engine(model_dir: Path) -> AsyncIterator[TorchEngine]:
     await eng.start()
     yield eng
     await eng.stop()
-
-
-def request(
-    engine: TorchEngine,
-    prompt: str,
-    *,
-    raw: bool = False,
-    system: str | None = None,
-    rid: str = "r",
-    **sampling: object,
-) -> GenerationRequest:
-    return GenerationRequest(
-        request_id=rid,
-        prompt=prompt,
-        sampling=Sampling(**sampling),  # type: ignore[arg-type]
-        system=system,
-        raw=raw,
-        prompt_ids=engine.encode_prompt(prompt, system=system, raw=raw),
-    )
-
-
-async def run_one(engine: TorchEngine, req: GenerationRequest) -> Completion:
-    (outcome,) = await engine.generate([req])
-    assert isinstance(outcome, Completion), outcome
-    return outcome
-
-
-async def run_batch(engine: TorchEngine, reqs: list[GenerationRequest]) -> list[Completion]:
-    outcomes = await engine.generate(reqs)
-    assert len(outcomes) == len(reqs)
-    assert all(isinstance(o, Completion) for o in outcomes), outcomes
-    return outcomes  # type: ignore[return-value]
 
 
 # -- basics ----------------------------------------------------------------------------------
