@@ -427,12 +427,14 @@ def _read_rollout(settings: Settings):  # type: ignore[no-untyped-def]
     from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
     from streams.control import read_rollout
+    from streams.control_auth import control_keys
 
     return read_rollout(
         resolve_bootstrap(settings),
         settings.control_topic,
         codec_from_registry_url(settings.schema_registry_url),
         settings.kafka_client_options(),
+        keys=control_keys(settings),
     )
 
 
@@ -452,6 +454,11 @@ def _send_control(
     settings = _settings()
     if version is not None:
         _registry().path(version)  # UnknownVersionError: workers could not load it either
+    if settings.control_signing_key is None:
+        err.print(
+            "[yellow]warning[/]: SLUICE_CONTROL_SIGNING_KEY is not set: the command is sent "
+            "unsigned, and workers that verify signatures ignore it"
+        )
 
     async def go():  # type: ignore[no-untyped-def]
         log = await _read_rollout(settings)
@@ -489,6 +496,9 @@ def model_status() -> None:
     settings = _settings()
     log = asyncio.run(_read_rollout(settings))
     _print_rollout(log.state, log.commands, settings.control_topic, log.topic_exists)
+    if log.rejected:
+        ignored = ", ".join(f"{n} {reason}" for reason, n in sorted(log.rejected.items()))
+        err.print(f"[yellow]ignored[/] (not signed by a trusted key): {ignored}")
 
 
 @model_app.command("list")

@@ -223,7 +223,10 @@ class SluiceClient:
         issued_by: str | None = None,
     ) -> str:
         """Publish a rollout ``ControlCommand`` (LOAD, CANARY, PROMOTE, ROLLBACK) that
-        every worker applies. Returns its command_id."""
+        every worker applies, signed with ``control_signing_key`` when it is set
+        (:mod:`streams.control_auth`). Returns its command_id."""
+        from streams.control_auth import control_keys
+
         record = {
             "command_id": uuid.uuid4().hex,
             "command": command.upper(),
@@ -233,10 +236,12 @@ class SluiceClient:
             "issued_by": issued_by,
             "created_at": int(time.time() * 1000),
         }
+        value = self.codec.encode("ControlCommand", record)
         await self._require_producer().send_and_wait(
             self.settings.control_topic,
-            self.codec.encode("ControlCommand", record),
+            value,
             key=model.encode(),
+            headers=control_keys(self.settings).sign(value) or None,
         )
         return record["command_id"]
 

@@ -30,6 +30,7 @@ from schemas.registry import awarm_up
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
 from streams.control import ControlListener
+from streams.control_auth import control_keys
 from streams.dedup import load_answered
 from streams.engines import build_engine, version_loader
 from streams.holes import HoleReader
@@ -125,6 +126,7 @@ def _stop_self(error: BaseException) -> None:
 
 
 async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
+    keys = control_keys(settings)  # a bad key setting fails before anything starts
     await ensure_topics(settings, bootstrap)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
@@ -155,6 +157,12 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         holes=HoleReader(bootstrap, settings.app_id, options),
         on_fatal=_stop_self,
     )
+    if not keys.required:
+        logger.warning(
+            "control commands on %s are not authenticated: any principal that may write the "
+            "topic changes what this worker serves (set SLUICE_CONTROL_SIGNING_KEY)",
+            settings.control_topic,
+        )
     control = ControlListener(
         bootstrap,
         settings.control_topic,
@@ -162,6 +170,8 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         pipeline.apply_control,
         options,
         adopt=pipeline.adopt_rollout,
+        keys=keys,
+        on_rejected=lambda reason: metrics.child(metrics.control_rejected_total, reason).inc(),
     )
     pipeline.attach_control(control)
     read = await control.catch_up()
