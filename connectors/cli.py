@@ -233,15 +233,15 @@ def tail(
     """Print decoded records of TOPIC, one JSON object per line."""
     from connectors.tail import format_line
     from connectors.tail import tail as run_tail
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
 
     settings = _settings()
     count = asyncio.run(
         run_tail(
             resolve_bootstrap(settings),
             topic,
-            codec_from_registry_url(settings.schema_registry_url),
+            codec_from_settings(settings),
             lambda entry: print(format_line(entry), flush=True),
             from_beginning=from_beginning,
             limit=limit,
@@ -276,8 +276,8 @@ def replay(
 
     from connectors.replay import parse_time
     from connectors.replay import replay as run_replay
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
 
     settings = _settings()
     try:
@@ -307,7 +307,7 @@ def replay(
                 min_score=min_score,
                 max_score=max_score,
                 dedup=dedup,
-                codec=codec_from_registry_url(settings.schema_registry_url),
+                codec=codec_from_settings(settings),
                 client_options=settings.kafka_client_options(),
                 progress=on_progress,
             )
@@ -424,15 +424,15 @@ def _print_rollout(state, commands: int, topic: str, topic_exists: bool = True) 
 
 def _read_rollout(settings: Settings):  # type: ignore[no-untyped-def]
     """The fold of the control topic, as every worker computes it."""
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
     from streams.control import read_rollout
     from streams.control_auth import control_keys
 
     return read_rollout(
         resolve_bootstrap(settings),
         settings.control_topic,
-        codec_from_registry_url(settings.schema_registry_url),
+        codec_from_settings(settings),
         settings.kafka_client_options(),
         keys=control_keys(settings),
     )
@@ -554,9 +554,9 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
     from streams.canary import CanaryPolicy, arm_stats, base_version, decide, window_start_ms
+    from streams.codecs import codec_from_settings
     from streams.kafka_clients import stop_consumer, topic_partitions
 
     settings = _settings()
@@ -568,7 +568,7 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
         min_requests=settings.canary_min_requests,
         max_requests=settings.canary_max_requests,
     )
-    codec = codec_from_registry_url(settings.schema_registry_url)
+    codec = codec_from_settings(settings)
 
     async def watch():  # type: ignore[no-untyped-def]
         consumer = AIOKafkaConsumer(

@@ -23,9 +23,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas.codec import AvroCodec, codec_from_registry_url
+from schemas.codec import AvroCodec
 from schemas.errors import RegistryError, SchemaError, SluiceError
 from streams.bootstrap import resolve_bootstrap
+from streams.codecs import codec_from_settings
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.settings import Settings
 
@@ -61,7 +62,7 @@ class SluiceClient:
     ) -> None:
         self.settings = settings
         self._bootstrap = bootstrap
-        self.codec = codec or codec_from_registry_url(settings.schema_registry_url)
+        self.codec = codec or codec_from_settings(settings)
         self._remember = remember
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None

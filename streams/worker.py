@@ -25,10 +25,10 @@ import threading
 import faust
 from prometheus_client import CollectorRegistry
 
-from schemas.codec import codec_from_registry_url
 from schemas.registry import awarm_up
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
+from streams.codecs import codec_from_settings
 from streams.control import ControlListener
 from streams.control_auth import control_keys
 from streams.dedup import load_answered
@@ -145,7 +145,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
     if settings.metrics_port >= 0:
         _, port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
-    codec = codec_from_registry_url(settings.schema_registry_url)
+    codec = codec_from_settings(settings)
     await awarm_up(codec, ("InferenceResult", "DeadLetter"))  # encode never waits on a registry
     pipeline = IntakePipeline(
         settings,
