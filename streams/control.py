@@ -49,6 +49,23 @@ class ControlTopicError(SluiceError):
     retriable = True
 
 
+def announce_keys(keys: ControlKeys, topic: str) -> None:
+    """Say once, at start, whether control commands are authenticated: a warning when no
+    key is configured (every command is then accepted), the trusted key ids otherwise."""
+    if keys.required:
+        logger.info(
+            "control commands on %s: only those signed with key id %s are applied",
+            topic,
+            " or ".join(sorted(keys.trusted)),
+        )
+    else:
+        logger.warning(
+            "control commands on %s are not authenticated: any principal that may write the "
+            "topic changes what this worker serves (set SLUICE_CONTROL_SIGNING_KEY)",
+            topic,
+        )
+
+
 class ControlListener:
     """Reads the control topic: folds its history at :meth:`catch_up`, then applies each
     new ``ControlCommand`` in order, exactly once each (:meth:`run`).

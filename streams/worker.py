@@ -29,7 +29,7 @@ from schemas.registry import awarm_up
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
 from streams.codecs import codec_from_settings
-from streams.control import ControlListener
+from streams.control import ControlListener, announce_keys
 from streams.control_auth import control_keys
 from streams.dedup import load_answered
 from streams.engines import build_engine, version_loader
@@ -157,12 +157,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         holes=HoleReader(bootstrap, settings.app_id, options),
         on_fatal=_stop_self,
     )
-    if not keys.required:
-        logger.warning(
-            "control commands on %s are not authenticated: any principal that may write the "
-            "topic changes what this worker serves (set SLUICE_CONTROL_SIGNING_KEY)",
-            settings.control_topic,
-        )
+    announce_keys(keys, settings.control_topic)
     control = ControlListener(
         bootstrap,
         settings.control_topic,

@@ -158,3 +158,17 @@ def test_secure_env_files_give_the_key_to_workers_and_operators_only(tmp_path: P
     assert control_keys(Settings(**fields)).signing is not None
     kafka._ensure_security(None)
     assert kafka.control_key_file.read_text().strip() == key, "generated once"
+
+
+def test_a_worker_without_keys_says_once_that_commands_are_not_authenticated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from streams.control import announce_keys
+
+    with caplog.at_level("INFO", logger="streams.control"):
+        announce_keys(ControlKeys(), "llm.control")
+        announce_keys(ControlKeys(trusted={"k1": KEY, "k0": OTHER}), "llm.control")
+    warned, informed = caplog.records
+    assert warned.levelname == "WARNING" and "not authenticated" in warned.getMessage()
+    assert informed.levelname == "INFO" and "key id k0 or k1" in informed.getMessage()
+    assert KEY.get_secret_value() not in caplog.text
