@@ -189,7 +189,7 @@ def _scrape(worker: WorkerProcess) -> str:
 
 
 def test_worker_ignores_a_control_command_signed_with_a_wrong_key(
-    secure: SecureCluster, tmp_path: Path
+    secure: SecureCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pydantic import SecretStr
 
@@ -216,6 +216,8 @@ def test_worker_ignores_a_control_command_signed_with_a_wrong_key(
     worker.start()
     try:
         assert worker.wait_for_log(WORKER_READY, timeout=150), worker.log_tail(40)
+        assert "only those signed with key id local are applied" in worker.log_file.read_text()
+        assert "not authenticated" not in worker.log_file.read_text()
         # the operator principal (the broker accepts the write), the key id the workers
         # know, the wrong secret
         forged = operator.model_copy(update={"control_signing_key": SecretStr("f" * 32)})
@@ -247,6 +249,17 @@ def test_worker_ignores_a_control_command_signed_with_a_wrong_key(
         )
         assert log.state.candidate == version
         assert log.rejected.get("bad_signature", 0) >= 1
+        # and `sluice model status` (operator.env) shows it
+        from typer.testing import CliRunner
+
+        from connectors.cli import app
+
+        for key, value in {**secure.env("operator"), "SLUICE_HOME": str(secure.home)}.items():
+            monkeypatch.setenv(key, value)
+        status = CliRunner().invoke(app, ["model", "status"])
+        assert status.exit_code == 0, status.output
+        assert f"candidate: {version}" in status.output
+        assert "ignored" in status.output and "bad_signature" in status.output
     finally:
         code = worker.stop(timeout=60)
     assert code == 0, worker.log_tail(40)
