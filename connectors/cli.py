@@ -97,6 +97,7 @@ def kafka_up(secure: bool = _SECURE_OPTION) -> None:
             f"SASL_SSL only; settings in {env} (workers), {kafka.env_file('producer')}, "
             f"{kafka.env_file('operator')}. Use: set -a; . {env}; set +a"
         )
+        err.print("control commands are signed: the key is in the workers' and operators' files")
     print(info.bootstrap)
 
 
