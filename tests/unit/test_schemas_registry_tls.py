@@ -298,3 +298,16 @@ def test_secrets_stay_out_of_reprs(pki: Pki) -> None:
 def test_no_registry_needs_no_security(pki: Pki) -> None:
     codec = codec_from_settings(Settings())
     assert not isinstance(codec.resolver, SchemaRegistryResolver)
+
+
+def test_every_process_builds_its_codec_from_the_settings() -> None:
+    """A codec built from the URL alone would drop the TLS and basic auth settings."""
+    root = Path(__file__).resolve().parents[2]
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("streams", "connectors", "inference", "deploy")
+        for path in (root / folder).rglob("*.py")
+        if "codec_from_registry_url(" in path.read_text()
+        or "SchemaRegistryResolver(" in path.read_text()
+    ]
+    assert offenders == ["streams/codecs.py"], offenders
