@@ -16,6 +16,9 @@ Rules, checked when the options are built (:class:`KafkaSecurityError` otherwise
   a user name and a password.
 * A TLS or SASL setting next to a protocol that would ignore it is an error, not a silent
   downgrade (a CA file with ``PLAINTEXT`` would otherwise mean plain text).
+* The Schema Registry (:func:`registry_auth`, :func:`registry_client_conf`, used by
+  ``streams.codecs.codec_from_settings``): the same rules for its CA, client certificate and
+  key (a TLS file with an ``http://`` URL is an error) plus basic auth.
 """
 
 from __future__ import annotations
