@@ -52,7 +52,12 @@ class Pki:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = tmp_path_factory.mktemp("registry-pki")
+    return make_pki(tmp_path_factory.mktemp("registry-pki"))
+
+
+def make_pki(root: Path) -> Pki:
+    """A CA, the registry's certificate, a client certificate (CN sluice-worker, encrypted
+    key) and a stranger's, as PEM files under ``root``."""
     ca = CertificateAuthority.create("registry test CA")
     server = ca.issue("registry", hosts=("127.0.0.1", "localhost"), server=True)
     client = ca.issue("sluice-worker", server=False, client=True, key_password=KEY_PASSWORD)
