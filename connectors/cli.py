@@ -97,6 +97,7 @@ def kafka_up(secure: bool = _SECURE_OPTION) -> None:
             f"SASL_SSL only; settings in {env} (workers), {kafka.env_file('producer')}, "
             f"{kafka.env_file('operator')}. Use: set -a; . {env}; set +a"
         )
+        err.print("control commands are signed: the key is in the workers' and operators' files")
     print(info.bootstrap)
 
 
@@ -233,15 +234,15 @@ def tail(
     """Print decoded records of TOPIC, one JSON object per line."""
     from connectors.tail import format_line
     from connectors.tail import tail as run_tail
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
 
     settings = _settings()
     count = asyncio.run(
         run_tail(
             resolve_bootstrap(settings),
             topic,
-            codec_from_registry_url(settings.schema_registry_url),
+            codec_from_settings(settings),
             lambda entry: print(format_line(entry), flush=True),
             from_beginning=from_beginning,
             limit=limit,
@@ -276,8 +277,8 @@ def replay(
 
     from connectors.replay import parse_time
     from connectors.replay import replay as run_replay
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
 
     settings = _settings()
     try:
@@ -307,7 +308,7 @@ def replay(
                 min_score=min_score,
                 max_score=max_score,
                 dedup=dedup,
-                codec=codec_from_registry_url(settings.schema_registry_url),
+                codec=codec_from_settings(settings),
                 client_options=settings.kafka_client_options(),
                 progress=on_progress,
             )
@@ -424,15 +425,17 @@ def _print_rollout(state, commands: int, topic: str, topic_exists: bool = True) 
 
 def _read_rollout(settings: Settings):  # type: ignore[no-untyped-def]
     """The fold of the control topic, as every worker computes it."""
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
     from streams.control import read_rollout
+    from streams.control_auth import control_keys
 
     return read_rollout(
         resolve_bootstrap(settings),
         settings.control_topic,
-        codec_from_registry_url(settings.schema_registry_url),
+        codec_from_settings(settings),
         settings.kafka_client_options(),
+        keys=control_keys(settings),
     )
 
 
@@ -452,6 +455,11 @@ def _send_control(
     settings = _settings()
     if version is not None:
         _registry().path(version)  # UnknownVersionError: workers could not load it either
+    if settings.control_signing_key is None:
+        err.print(
+            "[yellow]warning[/]: SLUICE_CONTROL_SIGNING_KEY is not set: the command is sent "
+            "unsigned, and workers that verify signatures ignore it"
+        )
 
     async def go():  # type: ignore[no-untyped-def]
         log = await _read_rollout(settings)
@@ -489,6 +497,9 @@ def model_status() -> None:
     settings = _settings()
     log = asyncio.run(_read_rollout(settings))
     _print_rollout(log.state, log.commands, settings.control_topic, log.topic_exists)
+    if log.rejected:
+        ignored = ", ".join(f"{n} {reason}" for reason, n in sorted(log.rejected.items()))
+        err.print(f"[yellow]ignored[/] (not signed by a trusted key): {ignored}")
 
 
 @model_app.command("list")
@@ -544,9 +555,9 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
     from streams.canary import CanaryPolicy, arm_stats, base_version, decide, window_start_ms
+    from streams.codecs import codec_from_settings
     from streams.kafka_clients import stop_consumer, topic_partitions
 
     settings = _settings()
@@ -558,7 +569,7 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
         min_requests=settings.canary_min_requests,
         max_requests=settings.canary_max_requests,
     )
-    codec = codec_from_registry_url(settings.schema_registry_url)
+    codec = codec_from_settings(settings)
 
     async def watch():  # type: ignore[no-untyped-def]
         consumer = AIOKafkaConsumer(

@@ -23,9 +23,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas.codec import AvroCodec, codec_from_registry_url
+from schemas.codec import AvroCodec
 from schemas.errors import RegistryError, SchemaError, SluiceError
 from streams.bootstrap import resolve_bootstrap
+from streams.codecs import codec_from_settings
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.settings import Settings
 
@@ -61,7 +62,7 @@ class SluiceClient:
     ) -> None:
         self.settings = settings
         self._bootstrap = bootstrap
-        self.codec = codec or codec_from_registry_url(settings.schema_registry_url)
+        self.codec = codec or codec_from_settings(settings)
         self._remember = remember
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -223,7 +224,10 @@ class SluiceClient:
         issued_by: str | None = None,
     ) -> str:
         """Publish a rollout ``ControlCommand`` (LOAD, CANARY, PROMOTE, ROLLBACK) that
-        every worker applies. Returns its command_id."""
+        every worker applies, signed with ``control_signing_key`` when it is set
+        (:mod:`streams.control_auth`). Returns its command_id."""
+        from streams.control_auth import control_keys
+
         record = {
             "command_id": uuid.uuid4().hex,
             "command": command.upper(),
@@ -233,10 +237,12 @@ class SluiceClient:
             "issued_by": issued_by,
             "created_at": int(time.time() * 1000),
         }
+        value = self.codec.encode("ControlCommand", record)
         await self._require_producer().send_and_wait(
             self.settings.control_topic,
-            self.codec.encode("ControlCommand", record),
+            value,
             key=model.encode(),
+            headers=control_keys(self.settings).sign(value) or None,
         )
         return record["command_id"]
 

@@ -22,8 +22,10 @@ format time for the broker itself and the three Sluice principals (workers, prod
 operators; passwords generated once, ``security/credentials.json``), the KRaft
 ``StandardAuthorizer`` with the ACL set of :mod:`deploy.security.acls`, and the settings each
 principal needs written to ``home/"secure.env"`` (workers), ``producer.env`` and
-``operator.env``. Its readiness probe is ApiVersions over TLS, then the ACLs are created with
-the broker's own (super user) credentials, which also proves SASL works.
+``operator.env``; the workers' and operators' files also get the control signing key
+(``security/control-signing.key``, :mod:`streams.control_auth`). Its readiness probe is
+ApiVersions over TLS, then the ACLs are created with the broker's own (super user)
+credentials, which also proves SASL works.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ _SCRAM_MECHANISM = "SCRAM-SHA-512"
 _ADMIN_USER = "sluice-admin"
 _BROKER_CN = "sluice-broker"
 _ACL_TIMEOUT_S = 60.0
+#: Principals that get the control signing key (producers never do).
+_SIGNING_ROLES = ("worker", "operator")
+_CONTROL_KEY_ID = "local"
 #: The env file each principal's settings are written to, under ``home``.
 ENV_FILES = {"worker": "secure.env", "producer": "producer.env", "operator": "operator.env"}
 
@@ -182,6 +187,12 @@ class LocalKafka:
     @property
     def credentials_file(self) -> Path:
         return self.security_dir / "credentials.json"
+
+    @property
+    def control_key_file(self) -> Path:
+        """The secret operators sign control commands with and workers verify them with
+        (``SLUICE_CONTROL_SIGNING_KEY``, never given to producers)."""
+        return self.security_dir / "control-signing.key"
 
     def env_file(self, role: str) -> Path:
         """Where the settings of ``role`` (worker, producer, operator) are written."""
@@ -612,6 +623,8 @@ class LocalKafka:
             users = [_ADMIN_USER, *self.principals.as_dict().values()]
             passwords = {user: secrets.token_urlsafe(24) for user in users}
             write_private(self.credentials_file, json.dumps(passwords, indent=2) + "\n")
+        if not self.control_key_file.is_file():
+            write_private(self.control_key_file, secrets.token_urlsafe(32) + "\n")
 
     def _credentials(self) -> dict[str, str]:
         data = _read_json(self.credentials_file)
@@ -631,6 +644,14 @@ class LocalKafka:
         for creating topics and ACLs, not for Sluice's clients."""
         return self._client_options(_ADMIN_USER)
 
+    def _control_key(self) -> str:
+        try:
+            return self.control_key_file.read_text().strip()
+        except OSError as exc:
+            raise LocalKafkaError(
+                f"the secure broker's control signing key {self.control_key_file} is gone"
+            ) from exc
+
     def _client_options(self, user: str) -> dict[str, Any]:
         return {
             "security_protocol": "SASL_SSL",
@@ -646,7 +667,7 @@ class LocalKafka:
         from pydantic import SecretStr
 
         user = _ADMIN_USER if role == "admin" else self.principals.as_dict()[role]
-        return {
+        fields: dict[str, Any] = {
             "kafka_bootstrap": bootstrap,
             "kafka_security_protocol": "SASL_SSL",
             "kafka_sasl_mechanism": _SCRAM_MECHANISM,
@@ -654,11 +675,15 @@ class LocalKafka:
             "kafka_sasl_password": SecretStr(self._credentials()[user]),
             "kafka_ssl_cafile": self.ca_file,
         }
+        if role in _SIGNING_ROLES:
+            fields["control_signing_key"] = SecretStr(self._control_key())
+            fields["control_signing_key_id"] = _CONTROL_KEY_ID
+        return fields
 
     def client_env(self, role: str, bootstrap: str) -> dict[str, str]:
         """The ``SLUICE_*`` settings of ``role`` (worker, producer, operator)."""
         user = self.principals.as_dict()[role]
-        return {
+        env = {
             "SLUICE_KAFKA_BOOTSTRAP": bootstrap,
             "SLUICE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
             "SLUICE_KAFKA_SASL_MECHANISM": _SCRAM_MECHANISM,
@@ -666,6 +691,10 @@ class LocalKafka:
             "SLUICE_KAFKA_SASL_PASSWORD": self._credentials()[user],
             "SLUICE_KAFKA_SSL_CAFILE": str(self.ca_file),
         }
+        if role in _SIGNING_ROLES:  # workers verify control commands, operators sign them
+            env["SLUICE_CONTROL_SIGNING_KEY"] = self._control_key()
+            env["SLUICE_CONTROL_SIGNING_KEY_ID"] = _CONTROL_KEY_ID
+        return env
 
     def _write_env_files(self, bootstrap: str) -> None:
         from deploy.security.certs import write_private

@@ -288,14 +288,21 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(messages) if messages else str(exc)
 
 
-def codec_from_registry_url(url: str | None, *, validate: bool = True) -> AvroCodec:
+def codec_from_registry_url(
+    url: str | None,
+    *,
+    client_conf: Mapping[str, Any] | None = None,
+    validate: bool = True,
+) -> AvroCodec:
     """A codec over a Confluent Schema Registry at ``url``, or over the shipped catalog if None.
 
     With a registry, ids are the registry's and the shipped schemas are registered (subject =
-    full record name) on first use.
+    full record name) on first use. ``client_conf``: extra ``SchemaRegistryClient`` settings
+    (TLS files, basic auth: ``streams.security.registry_client_conf``); processes build their
+    codec with ``streams.codecs.codec_from_settings``, which passes them.
     """
     if not url:
         return AvroCodec.default(validate=validate)
     from schemas.registry import SchemaRegistryResolver
 
-    return AvroCodec(SchemaRegistryResolver(url), validate=validate)
+    return AvroCodec(SchemaRegistryResolver(url, client_conf=client_conf), validate=validate)

@@ -13,8 +13,14 @@ Errors say whose fault a failure is:
   :class:`~schemas.errors.RegistryUnavailableError`, ``retriable = True``: retry later, the
   record is fine;
 * a configuration problem (401, 403, other 4xx, a 404 that is not the registry's own
-  "not found", bad settings, the extra not installed): :class:`~schemas.errors.RegistryError`,
-  ``retriable = False``, never a dead letter either.
+  "not found", a failed TLS handshake: wrong CA, missing or refused client certificate, bad
+  settings, the extra not installed): :class:`~schemas.errors.RegistryError`,
+  ``retriable = False``, never a dead letter either: a worker stops and says what to fix.
+  A plain ``http://`` URL to an HTTPS registry looks like a dropped connection (retriable);
+  its message says to use ``https://``.
+
+TLS and basic auth come from the settings (``streams.security.registry_client_conf``, passed
+as ``client_conf`` by ``streams.codecs.codec_from_settings``).
 
 Caches: name -> id and id -> schema, both filled by either direction (registering our schema
 gives its id's schema; fetching an id that holds our current schema gives our id). Unknown
@@ -36,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import struct
 import threading
 import time
@@ -65,12 +72,41 @@ _TRANSIENT_STATUS = frozenset({408, 429})
 _FRAME = struct.Struct(">BI")
 
 
-def _registry_error(exc: Exception, action: str) -> RegistryError:
-    """Wrap a client error: an outage, or (4xx bar timeouts and throttling) a refusal."""
+def _tls_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` (httpx wraps it), if there is one."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError) and not isinstance(
+            current,
+            ssl.SSLEOFError | ssl.SSLZeroReturnError,  # a connection cut: an outage
+        ):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _registry_error(exc: Exception, action: str, url: str | None = None) -> RegistryError:
+    """Wrap a client error: an outage, or (4xx bar timeouts and throttling, TLS failures)
+    a configuration problem that retrying does not heal."""
     message = f"schema registry failed while {action}: {exc}"
     status = getattr(exc, "http_status_code", None)
+    if status in (401, 403):
+        return RegistryError(
+            f"{message}; the registry refused our credentials: check "
+            "SLUICE_SCHEMA_REGISTRY_USERNAME / _PASSWORD (and the user's permissions)"
+        )
     if isinstance(status, int) and 400 <= status < 500 and status not in _TRANSIENT_STATUS:
         return RegistryError(message)
+    if _tls_error(exc) is not None:
+        return RegistryError(
+            f"{message}; the TLS handshake with the registry failed: check "
+            "SLUICE_SCHEMA_REGISTRY_CA_FILE (the CA that signed the registry's certificate) "
+            "and SLUICE_SCHEMA_REGISTRY_CERTFILE / _KEYFILE (the client certificate it expects)"
+        )
+    if url and url.startswith("http://") and status is None:
+        message += f" (the URL {url} is plain http: if the registry serves HTTPS, use https://)"
     return RegistryUnavailableError(message)
 
 
@@ -114,6 +150,7 @@ class SchemaRegistryResolver:
             if not url:
                 raise ValueError("SchemaRegistryResolver needs a url or a client")
             client = self._make_client({**(client_conf or {}), "url": url})
+        self._url = url
         self._client = client
         self._catalog = catalog if catalog is not None else SchemaCatalog.default()
         self._auto_register = auto_register
@@ -203,7 +240,9 @@ class SchemaRegistryResolver:
                 action = "found"
         except Exception as exc:  # SchemaRegistryError, httpx errors, ...
             verb = "registering" if self._auto_register else "looking up"
-            raise _registry_error(exc, f"{verb} {full_name} under subject {subject}") from exc
+            raise _registry_error(
+                exc, f"{verb} {full_name} under subject {subject}", self._url
+            ) from exc
         logger.info("schema registry: %s %s as id %d", action, full_name, schema_id)
         self._ids[full_name] = schema_id
         # The registry gives an equal schema the same id, so ours is that id's writer schema.
@@ -229,7 +268,7 @@ class SchemaRegistryResolver:
                     f"schema registry answered 404 (code {code}) for schema id {schema_id}: "
                     "not the registry's 'schema not found'; is the URL right?"
                 ) from exc
-            raise _registry_error(exc, f"fetching schema id {schema_id}") from exc
+            raise _registry_error(exc, f"fetching schema id {schema_id}", self._url) from exc
         entry = self._usable(schema_id, schema)
         self._schemas[schema_id] = entry
         full_name = entry[0]

@@ -90,9 +90,9 @@ def join_group(settings: Settings) -> str:
 
 
 def _codec(settings: Settings) -> Any:
-    from schemas.codec import codec_from_registry_url
+    from streams.codecs import codec_from_settings
 
-    return codec_from_registry_url(settings.schema_registry_url)
+    return codec_from_settings(settings)
 
 
 def _add_intake(

@@ -6,6 +6,11 @@ them. At start a worker reads the topic to its end and folds every command into 
 it takes any request, and loads only the versions that state needs, however many LOADs
 the history holds), then follows the topic and applies each new command as it comes.
 The CLI reads the topic the same way (:func:`read_rollout`) to show and check the state.
+
+With ``keys`` that require signatures (:mod:`streams.control_auth`), a command that is
+unsigned, signed by an unknown key id or with a bad signature is ignored, both in the fold
+and live: counted (``on_rejected(reason)``, the worker's
+``sluice_control_rejected_total{reason}``) and logged as a rate-limited warning.
 See ``docs/rollout.md``.
 """
 
@@ -13,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -22,13 +27,16 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas.codec import AvroCodec
 from schemas.errors import SchemaError, SluiceError
 from schemas.registry import adecode
+from streams.control_auth import ControlKeys
 from streams.kafka_clients import stop_consumer, topic_partitions
+from streams.log_limits import RateLimitedLogger
 from streams.rollout import RolloutState
 
 logger = logging.getLogger(__name__)
 
 Apply = Callable[[dict[str, Any]], Awaitable[None]]
 Adopt = Callable[[RolloutState], Awaitable[None]]
+OnRejected = Callable[[str], None]
 
 #: How often a listener whose topic did not exist at catch-up looks for it again.
 _TOPIC_RECHECK_S = 5.0
@@ -41,6 +49,23 @@ class ControlTopicError(SluiceError):
     retriable = True
 
 
+def announce_keys(keys: ControlKeys, topic: str) -> None:
+    """Say once, at start, whether control commands are authenticated: a warning when no
+    key is configured (every command is then accepted), the trusted key ids otherwise."""
+    if keys.required:
+        logger.info(
+            "control commands on %s: only those signed with key id %s are applied",
+            topic,
+            " or ".join(sorted(keys.trusted)),
+        )
+    else:
+        logger.warning(
+            "control commands on %s are not authenticated: any principal that may write the "
+            "topic changes what this worker serves (set SLUICE_CONTROL_SIGNING_KEY)",
+            topic,
+        )
+
+
 class ControlListener:
     """Reads the control topic: folds its history at :meth:`catch_up`, then applies each
     new ``ControlCommand`` in order, exactly once each (:meth:`run`).
@@ -48,6 +73,9 @@ class ControlListener:
     ``apply(command)`` handles each live command. ``adopt(state)``, if given, is called
     once at the end of :meth:`catch_up` with the fold of everything read; without it the
     history is applied command by command through ``apply``.
+
+    ``keys`` (default: none, every command accepted) decides which commands are trusted;
+    ``on_rejected(reason)`` is told of each one ignored for its signature.
     """
 
     def __init__(
@@ -59,6 +87,8 @@ class ControlListener:
         client_options: dict[str, Any] | None = None,
         *,
         adopt: Adopt | None = None,
+        keys: ControlKeys | None = None,
+        on_rejected: OnRejected | None = None,
     ) -> None:
         self._bootstrap = bootstrap
         self._topic = topic
@@ -66,10 +96,15 @@ class ControlListener:
         self._apply = apply
         self._adopt = adopt
         self._options = client_options or {}
+        self._keys = keys or ControlKeys()
+        self._on_rejected = on_rejected
+        self._warn = RateLimitedLogger(logger)
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned = False
         #: Commands read (folded at catch-up or applied live).
         self.applied = 0
+        #: Commands ignored for their signature, by reason.
+        self.rejected: dict[str, int] = {}
         #: The fold of the commands read at catch-up (kept up to date only with ``adopt``).
         self.state = RolloutState()
         #: Whether the topic existed at catch-up (None before it).
@@ -154,12 +189,33 @@ class ControlListener:
                         "skipping undecodable control record @%d: %s", record.offset, exc
                     )
                     continue
+                verdict = self._keys.verify(record.value, record.headers or ())
+                if not verdict.ok:
+                    self._reject(command, record.offset, verdict.reason or "?", verdict.key_id)
+                    continue
                 logger.info("control: %s %s", command["command"], command)
                 if folding:
                     self.state = self.state.apply(command)
                 else:
                     await self._apply(command)
                 self.applied += 1
+
+    def _reject(
+        self, command: dict[str, Any], offset: int, reason: str, key_id: str | None
+    ) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if self._on_rejected is not None:
+            self._on_rejected(reason)
+        self._warn.warning(
+            f"control-rejected:{reason}",
+            "ignoring control command %s (%s @%d, key id %s): %s; only commands signed "
+            "with a trusted key are applied",
+            command.get("command_id"),
+            command.get("command"),
+            offset,
+            key_id,
+            reason,
+        )
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -175,6 +231,8 @@ class ControlLog:
     state: RolloutState
     commands: int
     topic_exists: bool
+    #: Commands ignored for their signature, by reason (see :mod:`streams.control_auth`).
+    rejected: Mapping[str, int] = field(default_factory=dict)
 
 
 async def read_rollout(
@@ -184,9 +242,11 @@ async def read_rollout(
     client_options: dict[str, Any] | None = None,
     *,
     timeout: float = 30.0,
+    keys: ControlKeys | None = None,
 ) -> ControlLog:
-    """Fold the whole control topic, as a worker does at start. Raises
-    :class:`ControlTopicError` if its end is not reached within ``timeout`` s."""
+    """Fold the whole control topic, as a worker does at start (commands ``keys`` does not
+    trust ignored, as workers ignore them). Raises :class:`ControlTopicError` if its end
+    is not reached within ``timeout`` s."""
     folded: list[RolloutState] = []
 
     async def adopt(state: RolloutState) -> None:
@@ -195,7 +255,9 @@ async def read_rollout(
     async def refuse(command: dict[str, Any]) -> None:  # never called: adopt folds all
         raise AssertionError(f"unexpected live command {command}")
 
-    listener = ControlListener(bootstrap, topic, codec, refuse, client_options, adopt=adopt)
+    listener = ControlListener(
+        bootstrap, topic, codec, refuse, client_options, adopt=adopt, keys=keys
+    )
     try:
         count = await listener.catch_up(timeout)
     finally:
@@ -204,4 +266,4 @@ async def read_rollout(
         raise ControlTopicError(
             f"could not read {topic} on {bootstrap} to its end within {timeout:.0f} s"
         )
-    return ControlLog(folded[-1], count, bool(listener.topic_exists))
+    return ControlLog(folded[-1], count, bool(listener.topic_exists), dict(listener.rejected))

@@ -131,6 +131,12 @@ class WorkerMetrics:
             ["version"],
             registry=registry,
         )
+        self.control_rejected_total = Counter(
+            "sluice_control_rejected_total",
+            "Control commands ignored for their signature (unsigned, unknown_key, bad_signature).",
+            ["reason"],
+            registry=registry,
+        )
         self.engine_healthy = Gauge(
             "sluice_engine_healthy",
             "1 while the engine serves; 0 once it died (the worker then exits non-zero).",

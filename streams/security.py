@@ -16,6 +16,9 @@ Rules, checked when the options are built (:class:`KafkaSecurityError` otherwise
   a user name and a password.
 * A TLS or SASL setting next to a protocol that would ignore it is an error, not a silent
   downgrade (a CA file with ``PLAINTEXT`` would otherwise mean plain text).
+* The Schema Registry (:func:`registry_auth`, :func:`registry_client_conf`, used by
+  ``streams.codecs.codec_from_settings``): the same rules for its CA, client certificate and
+  key (a TLS file with an ``http://`` URL is an error) plus basic auth.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "faust_credentials",
     "kafka_security",
     "registry_auth",
+    "registry_client_conf",
 ]
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -256,18 +260,28 @@ def faust_credentials(settings: Settings) -> faust.auth.Credentials | None:
 @dataclass(frozen=True)
 class RegistryAuth:
     """How to reach the Schema Registry: ``verify`` (a TLS context, or True for the system
-    CAs) and ``basic_auth`` (user, password) or None. ``conf`` is the same for
-    confluent-kafka's ``SchemaRegistryClient``."""
+    CAs), ``basic_auth`` (user, password) or None, and the files behind them. ``conf`` is
+    the same for confluent-kafka's ``SchemaRegistryClient`` (which builds its own context
+    from the files: ``verify`` is built first so that a bad file fails here, clearly)."""
 
     verify: ssl.SSLContext | bool
     basic_auth: tuple[str, SecretStr] | None
     ca_file: Path | None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    key_password: SecretStr | None = None
 
     def conf(self) -> dict[str, str]:
         """Extra ``SchemaRegistryClient`` configuration (besides ``url``)."""
         conf: dict[str, str] = {}
         if self.ca_file is not None:
             conf["ssl.ca.location"] = str(self.ca_file)
+        if self.certfile is not None:
+            conf["ssl.certificate.location"] = str(self.certfile)
+        if self.keyfile is not None:
+            conf["ssl.key.location"] = str(self.keyfile)
+        if self.key_password is not None:
+            conf["ssl.key.password"] = self.key_password.get_secret_value()
         if self.basic_auth is not None:
             user, password = self.basic_auth
             conf["basic.auth.user.info"] = f"{user}:{password.get_secret_value()}"
@@ -275,30 +289,77 @@ class RegistryAuth:
 
     def __repr__(self) -> str:
         user = self.basic_auth[0] if self.basic_auth else None
-        return f"RegistryAuth(ca_file={self.ca_file!r}, user={user!r})"
+        return f"RegistryAuth(ca_file={self.ca_file!r}, certfile={self.certfile!r}, user={user!r})"
 
 
 def registry_auth(settings: Settings) -> RegistryAuth:
-    """TLS and basic auth for the Schema Registry at ``settings.schema_registry_url``."""
+    """TLS and basic auth for the Schema Registry at ``settings.schema_registry_url``.
+
+    The same rules as for Kafka: a TLS file with an ``http://`` URL is an error (it would
+    be ignored), a key or key password needs the client certificate, user and password go
+    together, and every file is loaded here (:class:`KafkaSecurityError` naming it)."""
     user = settings.schema_registry_username
     password = settings.schema_registry_password
     if (user is None) != (password is None):
         raise KafkaSecurityError(
             "schema_registry_username and schema_registry_password go together"
         )
+    if user is not None and ":" in user:
+        raise KafkaSecurityError("schema_registry_username must not contain ':'")
     url = settings.schema_registry_url or ""
-    if user is not None and url.startswith("http://"):
-        logger.warning(
-            "Schema Registry basic auth over plain http (%s): the password travels in clear",
-            url,
-        )
     ca = settings.schema_registry_ca_file
-    verify: ssl.SSLContext | bool = (
-        build_ssl_context(cafile=ca, what="Schema Registry") if ca is not None else True
-    )
+    certfile = settings.schema_registry_certfile
+    keyfile = settings.schema_registry_keyfile
+    key_password = settings.schema_registry_key_password
+    if certfile is None and (keyfile is not None or key_password is not None):
+        raise KafkaSecurityError(
+            "schema_registry_keyfile / schema_registry_key_password need "
+            "schema_registry_certfile (the client certificate for mutual TLS)"
+        )
+    plain = url.startswith("http://")
+    if plain:
+        given = [
+            name
+            for name, value in (
+                ("schema_registry_ca_file", ca),
+                ("schema_registry_certfile", certfile),
+                ("schema_registry_keyfile", keyfile),
+                ("schema_registry_key_password", key_password),
+            )
+            if value is not None
+        ]
+        if given:
+            raise KafkaSecurityError(
+                f"{', '.join(given)} set, but schema_registry_url {url} is plain http: use https://"
+            )
+        if user is not None:
+            logger.warning(
+                "Schema Registry basic auth over plain http (%s): the password travels in clear",
+                url,
+            )
+    verify: ssl.SSLContext | bool = True
+    if ca is not None or certfile is not None:
+        verify = build_ssl_context(
+            cafile=ca,
+            certfile=certfile,
+            keyfile=keyfile,
+            key_password=key_password,
+            what="Schema Registry",
+        )
     assert password is None or isinstance(password, SecretStr)
     return RegistryAuth(
         verify=verify,
         basic_auth=(user, password) if user is not None and password is not None else None,
         ca_file=ca,
+        certfile=certfile,
+        keyfile=keyfile,
+        key_password=key_password,
     )
+
+
+def registry_client_conf(settings: Settings) -> dict[str, str]:
+    """The ``SchemaRegistryClient`` configuration (besides ``url``) of ``settings``:
+    {} without a registry URL (the local catalog needs none)."""
+    if not settings.schema_registry_url:
+        return {}
+    return registry_auth(settings).conf()

@@ -55,6 +55,26 @@ class Settings(BaseSettings):
     )
     schema_registry_username: str | None = Field(None, description="Registry basic auth user.")
     schema_registry_password: SecretStr | None = None
+    schema_registry_certfile: Path | None = Field(
+        None, description="Client certificate (PEM) for mutual TLS to the Schema Registry."
+    )
+    schema_registry_keyfile: Path | None = Field(
+        None, description="Client key (PEM) for schema_registry_certfile."
+    )
+    schema_registry_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted schema_registry_keyfile."
+    )
+    control_signing_key: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 secret (16+ bytes) operators sign control commands with; "
+        "workers then ignore unsigned or wrongly signed ones (streams/control_auth.py).",
+    )
+    control_signing_key_id: str = Field(
+        "default", min_length=1, description="Id of control_signing_key (for rotation)."
+    )
+    control_trusted_keys: SecretStr | None = Field(
+        None, description="More keys workers accept: id:secret[,id:secret...] (rotation)."
+    )
 
     app_id: str = Field("sluice", description="Faust app id = the workers' consumer group.")
     requests_topic: str = "llm.requests"

@@ -25,11 +25,12 @@ import threading
 import faust
 from prometheus_client import CollectorRegistry
 
-from schemas.codec import codec_from_registry_url
 from schemas.registry import awarm_up
 from streams.app import build_app
 from streams.bootstrap import resolve_bootstrap
-from streams.control import ControlListener
+from streams.codecs import codec_from_settings
+from streams.control import ControlListener, announce_keys
+from streams.control_auth import control_keys
 from streams.dedup import load_answered
 from streams.engines import build_engine, version_loader
 from streams.holes import HoleReader
@@ -125,6 +126,7 @@ def _stop_self(error: BaseException) -> None:
 
 
 async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
+    keys = control_keys(settings)  # a bad key setting fails before anything starts
     await ensure_topics(settings, bootstrap)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
@@ -143,7 +145,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
     if settings.metrics_port >= 0:
         _, port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
         logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
-    codec = codec_from_registry_url(settings.schema_registry_url)
+    codec = codec_from_settings(settings)
     await awarm_up(codec, ("InferenceResult", "DeadLetter"))  # encode never waits on a registry
     pipeline = IntakePipeline(
         settings,
@@ -155,6 +157,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         holes=HoleReader(bootstrap, settings.app_id, options),
         on_fatal=_stop_self,
     )
+    announce_keys(keys, settings.control_topic)
     control = ControlListener(
         bootstrap,
         settings.control_topic,
@@ -162,6 +165,8 @@ async def _prepare(settings: Settings, bootstrap: str) -> IntakePipeline:
         pipeline.apply_control,
         options,
         adopt=pipeline.adopt_rollout,
+        keys=keys,
+        on_rejected=lambda reason: metrics.child(metrics.control_rejected_total, reason).inc(),
     )
     pipeline.attach_control(control)
     read = await control.catch_up()

@@ -3,14 +3,18 @@
 One secure local broker for this file (``LocalKafka(secure=True)``, what ``sluice kafka up
 --secure`` starts): a client without credentials, or with a wrong password, is refused; a
 producer principal cannot write ``llm.control``; a worker process started from
-``secure.env`` answers a request published with ``producer.env``'s credentials; and each
-client built in-process connects over TLS with the settings of its principal.
+``secure.env`` answers a request published with ``producer.env``'s credentials, and ignores
+a control command the operator principal sends signed with a wrong key (it applies the
+correctly signed one); and each client built in-process connects over TLS with the settings
+of its principal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +31,7 @@ from aiokafka.errors import (
 )
 
 from connectors.client import SluiceClient
-from connectors.processes import WorkerProcess
+from connectors.processes import WORKER_READY, WorkerProcess
 from deploy.local_kafka import LocalKafka, default_cache_dir
 from schemas.codec import AvroCodec
 from streams.settings import Settings
@@ -166,6 +170,99 @@ def test_worker_from_secure_env_answers_a_producer(secure: SecureCluster, tmp_pa
 
 def _fields_from_env(env: dict[str, str]) -> dict[str, Any]:
     return {key.removeprefix("SLUICE_").lower(): value for key, value in env.items()}
+
+
+async def _send_control(settings: Settings, verb: str, **fields: Any) -> str:
+    client = SluiceClient(settings)
+    await client.start(watch_results=False)
+    try:
+        return await client.send_control(verb, model=settings.model_name, **fields)
+    finally:
+        await client.stop()
+
+
+def _scrape(worker: WorkerProcess) -> str:
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", worker.log_file.read_text())
+    assert match, "worker did not log its metrics address"
+    with urllib.request.urlopen(match.group(1), timeout=10) as response:
+        return response.read().decode()
+
+
+def test_worker_ignores_a_control_command_signed_with_a_wrong_key(
+    secure: SecureCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import SecretStr
+
+    from inference.registry import ModelRegistry
+    from streams.control import read_rollout
+    from streams.control_auth import control_keys
+
+    operator = secure.settings("operator")
+    assert "SLUICE_CONTROL_SIGNING_KEY" in secure.env("worker")
+    assert "SLUICE_CONTROL_SIGNING_KEY" not in secure.env("producer")
+    version = f"signed-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    ModelRegistry(operator.registry_path).register(folder, version)
+    env = {
+        **secure.env("worker"),
+        "SLUICE_HOME": str(secure.home),
+        "SLUICE_BACKEND": "benchmark",
+        "SLUICE_MODEL_NAME": "benchmark",
+        "SLUICE_METRICS_PORT": "0",
+    }
+    worker = WorkerProcess(tmp_path / "worker.log", env=env)
+    worker.start()
+    try:
+        assert worker.wait_for_log(WORKER_READY, timeout=150), worker.log_tail(40)
+        assert "only those signed with key id local are applied" in worker.log_file.read_text()
+        assert "not authenticated" not in worker.log_file.read_text()
+        # the operator principal (the broker accepts the write), the key id the workers
+        # know, the wrong secret
+        forged = operator.model_copy(update={"control_signing_key": SecretStr("f" * 32)})
+        forged_id = asyncio.run(_send_control(forged, "LOAD", version=version))
+        assert worker.wait_for_log(f"ignoring control command {forged_id}", timeout=60), (
+            worker.log_tail(40)
+        )
+        assert "bad_signature" in worker.log_tail(40)
+        metrics = _scrape(worker)
+        assert 'sluice_control_rejected_total{reason="bad_signature"} 1.0' in metrics, metrics
+        assert f'version="{version}"' not in metrics, "the forged LOAD changed the rollout"
+
+        asyncio.run(_send_control(operator, "LOAD", version=version))
+        assert worker.wait_for_log(f"candidate='{version}'", timeout=60), worker.log_tail(40)
+        metrics = _scrape(worker)
+        assert f'version="{version}"' in metrics, "the signed LOAD was not applied"
+        assert 'sluice_control_rejected_total{reason="bad_signature"} 1.0' in metrics
+
+        # the CLI's fold (read_rollout with the operator's keys) agrees with the worker
+        log = asyncio.run(
+            read_rollout(
+                secure.bootstrap,
+                operator.control_topic,
+                AvroCodec.default(),
+                operator.kafka_client_options(),
+                timeout=30,
+                keys=control_keys(operator),
+            )
+        )
+        assert log.state.candidate == version
+        assert log.rejected.get("bad_signature", 0) >= 1
+        # and `sluice model status` (operator.env) shows it
+        from typer.testing import CliRunner
+
+        from connectors.cli import app
+
+        for key, value in {**secure.env("operator"), "SLUICE_HOME": str(secure.home)}.items():
+            monkeypatch.setenv(key, value)
+        status = CliRunner().invoke(app, ["model", "status"])
+        assert status.exit_code == 0, status.output
+        assert f"candidate: {version}" in status.output
+        assert "ignored" in status.output and "bad_signature" in status.output
+    finally:
+        code = worker.stop(timeout=60)
+    assert code == 0, worker.log_tail(40)
 
 
 # ---------------------------------------------------------------------- each client on TLS
