@@ -288,7 +288,10 @@ def add_metrics_job(
         from streams.monitors.embeddings import MiniLMEmbedder
 
         monitors = LiveMonitors(
-            settings, MiniLMEmbedder(), registry, lambda: int(time.time() * 1000)
+            settings,
+            MiniLMEmbedder(threads=settings.torch_threads),
+            registry,
+            lambda: int(time.time() * 1000),
         )
     cost = CostCounters(registry, settings.metrics_cost_top_tenants)
 
