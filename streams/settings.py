@@ -245,6 +245,9 @@ class Settings(BaseSettings):
     monitor_prompt_lookup: int = Field(
         2_000, ge=1, description="Recent request prompts remembered for their results."
     )
+    monitor_test_interval_s: float = Field(
+        5.0, ge=0, description="A version's drift tests run again at most this often."
+    )
     monitor_persist_interval_s: float = Field(
         60.0, gt=0, description="How often the drift samples of a version are saved."
     )

@@ -8,8 +8,8 @@ monitor per model version) and does what needs more than the record path:
   within the budget of ``SLUICE_MONITOR_EMBED_PER_WINDOW`` prompts per version and window,
   de-duplicated;
 * **step** (:meth:`step`, from a timer): embeds the queue in one batch and runs the tests of
-  the versions that changed, both in a one-thread executor, off the event loop; sets the
-  drift gauges;
+  the versions that changed (each at most every ``SLUICE_MONITOR_TEST_INTERVAL_S``), both in
+  a one-thread executor, off the event loop; sets the drift gauges;
 * **annotate** (:meth:`annotate`): a closing window of a version gets the version's latest
   reading (statistic, p-value, flagged, sample sizes);
 * **on_closed** (:meth:`on_closed`): the quality gauges of a version are those of its last
@@ -160,6 +160,7 @@ class LiveMonitors:
         self._complete: set[VersionKey] = set()  # versions whose reference is full
         self._save_now = False
         self._last_save = clock()
+        self._tested: dict[VersionKey, int] = {}  # when each version was last tested
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, states: Mapping[VersionKey, Mapping[str, Any]]) -> None:
@@ -230,11 +231,16 @@ class LiveMonitors:
                 logger.exception("monitors: embedding %d prompts failed", len(batch))
                 vectors = None
             monitors.add_embeddings(batch, vectors)
-        snapshots = monitors.take_changed()
+        now = self._clock()
+        interval_ms = self.settings.monitor_test_interval_s * 1000
+        snapshots = monitors.take_changed(
+            lambda key: now - self._tested.get(key, now - interval_ms) >= interval_ms
+        )
         readings: dict[VersionKey, DriftReading] = {}
         if snapshots:
             readings = await self._run(monitors.read, snapshots)
         for key, reading in readings.items():
+            self._tested[key] = now
             self._unsaved.add(key)
             if key not in self._complete and monitors.monitor(*key).reference_full:
                 self._complete.add(key)

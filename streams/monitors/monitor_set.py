@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -184,11 +184,14 @@ class MonitorSet:
     def reading(self, model: str, version: str) -> DriftReading:
         return self.monitor(model, version).reading(self._rng)
 
-    def take_changed(self) -> dict[VersionKey, DriftMonitor]:
-        """Frozen copies of the versions that got observations since the last call."""
-        snapshots = {key: self._monitors[key].snapshot() for key in sorted(self._changed)}
-        self._changed.clear()
-        return snapshots
+    def take_changed(
+        self, due: Callable[[VersionKey], bool] | None = None
+    ) -> dict[VersionKey, DriftMonitor]:
+        """Frozen copies of the versions that got observations since they were last taken
+        (only those ``due`` accepts; the others stay changed)."""
+        keys = sorted(k for k in self._changed if due is None or due(k))
+        self._changed.difference_update(keys)
+        return {key: self._monitors[key].snapshot() for key in keys}
 
     def read(self, snapshots: Mapping[VersionKey, DriftMonitor]) -> dict[VersionKey, DriftReading]:
         """Run the tests on :meth:`take_changed` copies (may run in another thread than

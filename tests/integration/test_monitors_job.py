@@ -152,6 +152,7 @@ async def test_a_shifted_version_is_flagged_and_its_control_is_not(
         monitor_alpha=0.002,  # a false alarm on the control: 1 run in 500
         monitor_embed_per_window=100,
         monitor_embed_batch=200,
+        monitor_test_interval_s=0,  # test after every embedding: no stale reading at close
         torch_threads=1,
     )
     assert settings.kafka_bootstrap

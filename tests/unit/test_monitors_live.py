@@ -357,6 +357,7 @@ def monitor_settings(**extra: Any) -> Settings:
         "monitor_permutations": 200,
         "monitor_embed_per_window": 100,
         "monitor_persist_interval_s": 3600,
+        "monitor_test_interval_s": 0,
     }
     return Settings(**(options | extra))
 
@@ -562,3 +563,22 @@ def test_quality_gauges_come_from_the_latest_window_of_each_version() -> None:
     latest = latest_quality(windows, 60)
     assert list(latest) == [("m", "v1")]
     assert latest[("m", "v1")].answers == 10 and latest[("m", "v1")].refusal_rate == 0.1
+
+
+def test_a_version_is_tested_at_most_every_test_interval() -> None:
+    async def run() -> list[int]:
+        clock = FakeClock()
+        settings = monitor_settings(monitor_test_interval_s=5)
+        live = LiveMonitors(settings, TopicEmbedder(), None, clock)
+        await live.start({})
+        assert live.monitors is not None
+        tested = []
+        for step in range(4):
+            live.add_result(ok(f"r{step}"), BASE)
+            tested.append(len(await live.step()))
+            clock.now += 2_000
+        live.close()
+        return tested
+
+    # at 0 s, not at 2 s nor 4 s (still changed), again at 6 s
+    assert asyncio.run(run()) == [1, 0, 0, 1]
