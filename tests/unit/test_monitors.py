@@ -359,3 +359,33 @@ def test_every_cost_counter_has_an_alert() -> None:
     cost = CostCounters(CollectorRegistry(), top_k=3)
     used = {c._name for c in (cost.engine_seconds, cost.requests) if c._name in exprs}
     assert used == {"sluice_tenant_engine_seconds", "sluice_tenant_requests"}
+
+
+def test_kubernetes_runs_one_metrics_worker_that_prometheus_scrapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yaml = pytest.importorskip("yaml")
+    from streams.settings import Settings
+
+    k8s = PROMETHEUS_DIR.parent / "k8s"
+    docs = {d["kind"]: d for d in yaml.safe_load_all((k8s / "metrics.yaml").read_text())}
+    deployment, service, monitor = docs["Deployment"], docs["Service"], docs["ServiceMonitor"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two at once
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    (container,) = pod["spec"]["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    env = yaml.safe_load((k8s / "configmap.yaml").read_text())["data"]
+    env |= {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    settings = Settings()
+    assert settings.worker_role == "metrics" and settings.metrics_port == port
+    assert settings.metrics_host == "0.0.0.0"
+    kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
+    assert "metrics.yaml" in kustomization["resources"]
