@@ -582,3 +582,24 @@ def test_a_version_is_tested_at_most_every_test_interval() -> None:
 
     # at 0 s, not at 2 s nor 4 s (still changed), again at 6 s
     assert asyncio.run(run()) == [1, 0, 0, 1]
+
+
+def test_bad_records_on_llm_requests_are_skipped_and_counted() -> None:
+    async def run() -> Counter[str]:
+        settings = monitor_settings()
+        kafka, clock, registry = FakeKafka(), FakeClock(), CollectorRegistry()
+        job = make_job(kafka, settings, clock, registry)
+        await job.restore()
+        for offset, value in enumerate([None, b"", b"not avro", b"\x00\x00\x00\x00\x09xx"]):
+            job.feed(SourceRecord(None, settings.requests_topic, 0, offset, None, value, BASE))
+        good = inputs(settings, "v1", ["a prompt"], BASE, 4)
+        for record in good:
+            job.feed(record)
+        await job.step_monitors()
+        await job.flush()
+        assert job.aggregator is not None
+        assert job.aggregator.positions()[(settings.requests_topic, 0)] == 5
+        return job.aggregator.counts
+
+    counts = asyncio.run(run())
+    assert counts["skipped"] == 4 and counts["requests"] == 1 and counts["results"] == 1
