@@ -20,6 +20,8 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.codec import AvroCodec
+from streams.metrics_windows.job import decode_state, read_latest_by_key, state_topic
+from streams.metrics_windows.monitoring import parse_monitor_key
 from streams.monitors.power import coding_prompts, general_prompts
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -212,6 +214,17 @@ async def test_a_shifted_version_is_flagged_and_its_control_is_not(
         samples = _scrape(port)
     finally:
         worker.stop()
+    # each version's samples were saved on the state topic (a restart keeps the reference)
+    group = settings.model_copy(update={"app_id": f"{settings.app_id}-metrics"})
+    saved = await read_latest_by_key(
+        settings.kafka_bootstrap,
+        state_topic(group),
+        {},
+        keep=lambda key: parse_monitor_key(key) is not None,
+    )
+    by_version = {parse_monitor_key(k)[2]: decode_state(v) for k, v in saved.items()}  # type: ignore[index]
+    assert sorted(by_version) == ["v1", "v2"]
+    assert all(len(s["monitor"]["ref_prompts"]) == REFERENCE for s in by_version.values())
 
     after = {w["model_version"]: w for w in windows if w["window_start"] == base + 40_000}
     control, shifted = after["v1"], after["v2"]
