@@ -53,11 +53,13 @@ def build_app(
     *,
     web_port: int,
     producer: Any = None,
+    registry: CollectorRegistry | None = None,
 ) -> faust.App:
     """The worker's app for its role: the intake agent feeding ``pipeline`` (roles
     ``inference`` and ``all``), the feedback join (roles ``join`` and ``all``), and their
     lifecycle. ``producer`` (an :class:`streams.kafka_clients.OutboxProducer`) publishes
-    results and dead letters; None: Faust's own producer."""
+    results and dead letters; None: Faust's own producer. ``registry``: where the metrics
+    role's job puts its metrics (the one its /metrics serves); None: a private one."""
     role = settings.worker_role
     if role == "join":
         settings = settings.model_copy(update={"app_id": join_group(settings)})
@@ -67,7 +69,8 @@ def build_app(
 
         settings = settings.model_copy(update={"app_id": f"{settings.app_id}-metrics"})
         app = faust_app(settings, bootstrap, web_port=web_port)
-        add_metrics_job(app, settings, _codec(settings), WorkerMetrics(CollectorRegistry()))
+        metrics = WorkerMetrics(registry if registry is not None else CollectorRegistry())
+        add_metrics_job(app, settings, _codec(settings), metrics)
         return app
     app = faust_app(settings, bootstrap, web_port=web_port)
     if role in ("join", "all") and settings.feedback_join:

@@ -237,6 +237,12 @@ class Settings(BaseSettings):
     metrics_snapshot_interval_ms: float = Field(
         1_000.0, gt=0, description="How often the metrics job persists its state and commits."
     )
+    metrics_request_lookup: int = Field(
+        10_000, ge=0, description="Recent requests remembered to attribute results to a tenant."
+    )
+    metrics_cost_top_tenants: int = Field(
+        20, ge=0, description="Tenants named in the cost counters; the rest are 'other'."
+    )
 
     # --- monitors and auto canary (streams/monitors/, streams/canary.py) --------------------
     monitor_reference_size: int = Field(
@@ -252,6 +258,24 @@ class Settings(BaseSettings):
         None, description="Pinned reference: JSONL of {prompt, completion_tokens}."
     )
     monitor_embed_batch: int = Field(64, ge=1, description="Prompts embedded per flush at most.")
+    monitor_embed_per_window: int = Field(
+        32, ge=1, description="Prompts embedded per version and metrics window at most."
+    )
+    monitor_enabled: bool = Field(
+        True, description="The metrics job runs the drift monitors and their gauges."
+    )
+    monitor_prompt_drift: bool = Field(
+        True, description="Embed prompts for the prompt drift test (the metrics job)."
+    )
+    monitor_prompt_lookup: int = Field(
+        2_000, ge=1, description="Recent request prompts remembered for their results."
+    )
+    monitor_test_interval_s: float = Field(
+        5.0, ge=0, description="A version's drift tests run again at most this often."
+    )
+    monitor_persist_interval_s: float = Field(
+        60.0, gt=0, description="How often the drift samples of a version are saved."
+    )
     canary_alpha: float = Field(0.05, gt=0, lt=1, description="Auto canary false-decision rate.")
     canary_error_margin: float = Field(0.02, ge=0, description="Bad-answer share margin.")
     canary_latency_margin: float = Field(0.25, ge=0, description="p99 margin (relative).")

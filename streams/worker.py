@@ -93,12 +93,19 @@ def run_worker(settings: Settings) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     pipeline = None
+    registry = None
     if settings.worker_role in ("inference", "all"):
         pipeline = loop.run_until_complete(_prepare(settings, bootstrap))
     else:
         loop.run_until_complete(ensure_topics(settings, bootstrap))
+    if settings.worker_role == "metrics" and settings.metrics_port >= 0:
+        registry = CollectorRegistry()  # the job's counters and the monitors' gauges
+        _, port = serve_metrics(registry, settings.metrics_host, settings.metrics_port)
+        logger.info("metrics: http://%s:%d/metrics", settings.metrics_host, port)
     producer = OutboxProducer(bootstrap, settings.kafka_client_options())
-    app = build_app(settings, pipeline, bootstrap, web_port=_free_port(), producer=producer)
+    app = build_app(
+        settings, pipeline, bootstrap, web_port=_free_port(), producer=producer, registry=registry
+    )
     watchdog = _Watchdog(settings.shutdown_grace_s)
     worker = Worker(app, loop=loop, loglevel=settings.log_level, watchdog=watchdog)
     logger.info(

@@ -29,6 +29,12 @@ Promises (tested in ``tests/unit/test_metrics_windows.py``):
   Feedback carries no model: it is counted for the model/version/tenant of its result when
   that result is among the last ``feedback_lookup`` results seen, else under model ``""``.
   Dead letters never reached a model and are counted under model ``""``.
+* **Tenants from the requests.** Results carry no tenant: :meth:`~WindowAggregator.
+  add_request` remembers the tenant of the last ``request_lookup`` requests that have one,
+  and a result takes its request's tenant (a ``tenant`` on the result itself wins). A result
+  whose request was not read (yet) is counted under tenant ``""``.
+* **Annotations at close.** ``annotate(key)``, when set, returns fields added to a closed
+  window's record (not to corrections): the drift readings of its version at that moment.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class WindowConfig:
     lateness_s: float = 5.0
     max_tenants: int = 100
     feedback_lookup: int = 10_000
+    request_lookup: int = 10_000
     relative_accuracy: float = 0.01
     worker: str = ""
 
@@ -66,8 +73,8 @@ class WindowConfig:
             raise ValueError(f"rollup_s must not be negative, got {self.rollup_s}")
         if self.lateness_s < 0:
             raise ValueError(f"lateness_s must not be negative, got {self.lateness_s}")
-        if self.max_tenants < 0 or self.feedback_lookup < 0:
-            raise ValueError("max_tenants and feedback_lookup must not be negative")
+        if self.max_tenants < 0 or self.feedback_lookup < 0 or self.request_lookup < 0:
+            raise ValueError("max_tenants, feedback_lookup, request_lookup must not be negative")
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -113,17 +120,44 @@ class WindowAggregator:
         self._positions: dict[tuple[str, int], int] = {}
         self._tenants: dict[str, None] = {}  # insertion-ordered set
         self._lookup: dict[str, tuple[str, str, str]] = {}  # request_id -> model key
+        self._request_tenants: dict[str, str] = {}  # request_id -> tenant, from llm.requests
         self._outbox: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
+        #: fields added to each closed (non-correction) window's record; see the docstring
+        self.annotate: Callable[[WindowKey], Mapping[str, Any]] | None = None
 
     # -- inputs ----------------------------------------------------------------------------
+    def add_request(self, record: Mapping[str, Any], source: Source | None = None) -> bool:
+        """Remember an ``InferenceRequest``'s tenant for its result (not counted in windows).
+        False when ``source`` was counted already."""
+        if not self._accept(source):
+            return False
+        request_id = str(record.get("request_id") or "")
+        tenant = record.get("tenant")
+        if request_id and tenant and self.config.request_lookup:
+            self._request_tenants.pop(request_id, None)
+            self._request_tenants[request_id] = str(tenant)
+            while len(self._request_tenants) > self.config.request_lookup:
+                del self._request_tenants[next(iter(self._request_tenants))]
+        self.counts["requests"] += 1
+        return True
+
+    def request_tenant(self, record: Mapping[str, Any]) -> str | None:
+        """The tenant a result is attributed to before folding: its own ``tenant`` field,
+        else its request's, else None."""
+        own = record.get("tenant")
+        if own:
+            return str(own)
+        return self._request_tenants.get(str(record.get("request_id") or ""))
+
     def add_result(self, record: Mapping[str, Any], source: Source | None = None) -> bool:
         """Count an ``InferenceResult``. False when ``source`` was counted already."""
         if not self._accept(source):
             return False
         model = str(record.get("model") or UNATTRIBUTED)
         version = str(record.get("model_version") or UNATTRIBUTED)
-        tenant = self._tenant(record.get("tenant"))
+        tenant = self._tenant(self.request_tenant(record))
+        self._request_tenants.pop(str(record.get("request_id") or ""), None)
         request_id = record.get("request_id")
         if request_id and self.config.feedback_lookup:
             self._lookup.pop(request_id, None)
@@ -291,11 +325,12 @@ class WindowAggregator:
         worker = self.config.worker
         for key in sorted(k for k in self._windows if k.end_ms <= mark):
             totals = self._windows.pop(key)
-            closed.append(
-                totals.to_record(
-                    key, window_id=key.window_id, correction=False, closed_at=now, worker=worker
-                )
+            record = totals.to_record(
+                key, window_id=key.window_id, correction=False, closed_at=now, worker=worker
             )
+            if self.annotate is not None and key.model:
+                record.update(self.annotate(key))
+            closed.append(record)
             self.counts["windows"] += 1
         for key in sorted(k for k, c in self._corrections.items() if c.close_at <= mark):
             correction = self._corrections.pop(key)
@@ -329,6 +364,7 @@ class WindowAggregator:
             "positions": [[t, p, o] for (t, p), o in sorted(self._positions.items())],
             "tenants": list(self._tenants),
             "lookup": [[rid, *key] for rid, key in self._lookup.items()],
+            "request_tenants": list(self._request_tenants.items()),
             "outbox": list(self._outbox),
             "counts": dict(self.counts),
         }
@@ -356,6 +392,7 @@ class WindowAggregator:
         agg._positions = {(str(t), int(p)): int(o) for t, p, o in state["positions"]}
         agg._tenants = dict.fromkeys(state["tenants"])
         agg._lookup = {rid: (m, v, t) for rid, m, v, t in state["lookup"]}
+        agg._request_tenants = {str(r): str(t) for r, t in state.get("request_tenants", [])}
         agg._outbox = [dict(r) for r in state["outbox"]]
         agg.counts = Counter(state["counts"])
         return agg

@@ -16,6 +16,10 @@ commits the input offsets **of that persisted state**, never further. So:
 The input channel has Faust's acks off and the stream is ``noack()``: only this job commits
 these topics in its consumer group. Run it in a worker of its own (its own ``app_id``), as
 the only agent on these topics in that app, and run one such worker: see docs/metrics.md.
+
+It also reads ``llm.requests`` (for the tenant of each result and the prompts of the drift
+monitor), feeds the monitors (:mod:`streams.metrics_windows.monitoring`, docs/monitors.md)
+and the per-tenant cost counters (:mod:`streams.metrics_windows.cost`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from schemas.codec import AvroCodec
 from schemas.errors import SchemaError
 from streams.metrics import WorkerMetrics
 from streams.metrics_windows.aggregator import Source, WindowAggregator, WindowConfig
+from streams.metrics_windows.cost import CostCounters
+from streams.metrics_windows.monitoring import LiveMonitors, parse_monitor_key
 from streams.records import SourceRecord, source_record
 from streams.settings import Settings
 
@@ -44,6 +50,7 @@ logger = logging.getLogger(__name__)
 Send = Callable[[str, bytes, bytes], Awaitable[None]]
 Commit = Callable[[dict[tuple[str, int], int]], Awaitable[None]]
 LoadState = Callable[[], Awaitable[bytes | None]]
+LoadMonitors = Callable[[], Awaitable[dict[bytes, bytes]]]
 
 
 def window_config(settings: Settings) -> WindowConfig:
@@ -54,6 +61,7 @@ def window_config(settings: Settings) -> WindowConfig:
         lateness_s=settings.metrics_lateness_s,
         max_tenants=settings.metrics_max_tenants,
         feedback_lookup=settings.metrics_feedback_lookup,
+        request_lookup=settings.metrics_request_lookup,
         worker=settings.worker_id,
     )
 
@@ -85,6 +93,9 @@ class MetricsJob:
         load_state: LoadState,
         clock: Callable[[], int] | None = None,
         on_counts: Callable[[Counter[str]], None] | None = None,
+        monitors: LiveMonitors | None = None,
+        load_monitors: LoadMonitors | None = None,
+        cost: CostCounters | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -93,12 +104,16 @@ class MetricsJob:
         self._load_state = load_state
         self._clock = clock or (lambda: int(time.time() * 1000))
         self._on_counts = on_counts or (lambda _delta: None)
+        self.monitors = monitors
+        self._load_monitors = load_monitors
+        self._cost = cost
         self._config = window_config(settings)
         self._key = settings.app_id.encode("utf-8")
         self._expected = {
             settings.results_topic: "InferenceResult",
             settings.dlq_topic: "DeadLetter",
             settings.feedback_topic: "FeedbackEvent",
+            settings.requests_topic: "InferenceRequest",
         }
         self.aggregator: WindowAggregator | None = None
         self._restore_lock = asyncio.Lock()
@@ -130,6 +145,18 @@ class MetricsJob:
                     self.aggregator.watermark,
                 )
             self._reported = Counter(self.aggregator.counts)
+            if self.monitors is not None:
+                await self._restore_monitors(self.monitors)
+                self.aggregator.annotate = self.monitors.annotate
+
+    async def _restore_monitors(self, monitors: LiveMonitors) -> None:
+        saved = await self._load_monitors() if self._load_monitors is not None else {}
+        states: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, value in saved.items():
+            parsed = parse_monitor_key(key)
+            if parsed is not None and parsed[0] == self.settings.app_id and value:
+                states[(parsed[1], parsed[2])] = decode_state(value)
+        await monitors.start(states)
 
     def feed(self, record: SourceRecord) -> None:
         """Decode and count one input record (synchronous: no await between records)."""
@@ -149,16 +176,32 @@ class MetricsJob:
                 self._dirty = True
             return
         if expected == "InferenceResult":
+            tenant = agg.request_tenant(value)
             counted = agg.add_result(value, source)
+            if counted and self._cost is not None:
+                self._cost.add_result(value, tenant)
+            if counted and self.monitors is not None:
+                event_ms = int(value.get("created_at") or 0) or record.timestamp_ms
+                self.monitors.add_result(value, event_ms)
+        elif expected == "InferenceRequest":
+            counted = agg.add_request(value, source)
+            if counted and self.monitors is not None:
+                self.monitors.add_request(value)
         elif expected == "DeadLetter":
             counted = agg.add_dead_letter(value, source)
         else:
             counted = agg.add_feedback(value, source)
         self._dirty = self._dirty or counted
 
-    async def flush(self) -> int:
-        """Persist the state, publish closed windows, commit the persisted positions.
-        Returns how many windows were published."""
+    async def step_monitors(self) -> None:
+        """Embed queued prompts and re-run the drift tests (off the event loop)."""
+        if self.monitors is not None and self.aggregator is not None:
+            await self.monitors.step()
+
+    async def flush(self, *, final: bool = False) -> int:
+        """Persist the state, publish closed windows, commit the persisted positions, save
+        the monitors' samples when due (always when ``final``). Returns how many windows
+        were published."""
         agg = self.aggregator
         if agg is None:
             return 0
@@ -166,6 +209,7 @@ class MetricsJob:
             agg.advance()
             pending = agg.outbox
             if not self._dirty and not pending:
+                await self._save_monitors(final)
                 return 0
             state = encode_state(agg.to_state())
             positions = agg.positions()
@@ -184,7 +228,21 @@ class MetricsJob:
             self._dirty = self._dirty or bool(pending)  # the outbox changed: persist that too
             await self._commit(positions)
             self._report()
+            if self.monitors is not None:
+                self.monitors.on_closed(pending)
+            await self._save_monitors(final)
             return len(pending)
+
+    async def _save_monitors(self, force: bool) -> None:
+        if self.monitors is None:
+            return
+        due = self.monitors.due_states(force=force)
+        for i, (key, state) in enumerate(due):
+            try:
+                await self._send(state_topic(self.settings), key, encode_state(state))
+            except Exception:
+                self.monitors.unsave(k for k, _ in due[i:])
+                raise
 
     def _report(self) -> None:
         assert self.aggregator is not None
@@ -224,9 +282,29 @@ def add_metrics_job(
         registry=metrics.registry,
     )
 
+    registry = metrics.registry
+    monitors = None
+    if settings.monitor_enabled:
+        from streams.monitors.embeddings import MiniLMEmbedder
+
+        monitors = LiveMonitors(
+            settings,
+            MiniLMEmbedder(threads=settings.torch_threads),
+            registry,
+            lambda: int(time.time() * 1000),
+        )
+    cost = CostCounters(registry, settings.metrics_cost_top_tenants)
+
     def on_counts(delta: Counter[str]) -> None:
         for name, n in delta.items():
-            if name in ("results", "dead_letters", "feedback", "duplicates", "skipped"):
+            if name in (
+                "results",
+                "dead_letters",
+                "feedback",
+                "requests",
+                "duplicates",
+                "skipped",
+            ):
                 records_total.labels(outcome=name).inc(n)
             elif name == "windows":
                 windows_total.labels(kind="window").inc(n)
@@ -262,13 +340,30 @@ def add_metrics_job(
             settings.kafka_client_options(),
         )
 
+    async def load_monitors() -> dict[bytes, bytes]:
+        return await read_latest_by_key(
+            bootstrap,
+            state_topic(settings),
+            settings.kafka_client_options(),
+            keep=lambda key: parse_monitor_key(key) is not None,
+        )
+
     job = MetricsJob(
-        settings, codec, send=send, commit=commit, load_state=load_state, on_counts=on_counts
+        settings,
+        codec,
+        send=send,
+        commit=commit,
+        load_state=load_state,
+        on_counts=on_counts,
+        monitors=monitors,
+        load_monitors=load_monitors,
+        cost=cost,
     )
     inputs = app.topic(
         settings.results_topic,
         settings.dlq_topic,
         settings.feedback_topic,
+        settings.requests_topic,
         key_type=bytes,
         value_type=bytes,
         acks=False,  # committed by the job's flush only
@@ -289,9 +384,25 @@ def add_metrics_job(
 
     app.timer(settings.metrics_snapshot_interval_ms / 1000.0, name="sluice.metrics-flush")(flush)
 
+    async def step_monitors() -> None:
+        try:
+            await job.step_monitors()
+        except Exception:
+            logger.exception("metrics job: monitors step failed; retrying at the next interval")
+
+    if monitors is not None:
+        app.timer(settings.metrics_snapshot_interval_ms / 1000.0, name="sluice.metrics-monitors")(
+            step_monitors
+        )
+
     @app.on_before_shutdown.connect
     async def final_flush(app: faust.App, **_: Any) -> None:
-        await flush()
+        try:
+            await job.flush(final=True)
+        except Exception:
+            logger.exception("metrics job: final flush failed")
+        if monitors is not None:
+            monitors.close()
 
 
 async def read_latest(
@@ -303,6 +414,22 @@ async def read_latest(
     timeout_s: float = 60.0,
 ) -> bytes | None:
     """The last value of ``key`` on ``topic`` (up to its end when called), or None."""
+    found = await read_latest_by_key(
+        bootstrap, topic, client_options, keep=lambda k: k == key, timeout_s=timeout_s
+    )
+    return found.get(key)
+
+
+async def read_latest_by_key(
+    bootstrap: str,
+    topic: str,
+    client_options: Mapping[str, Any],
+    *,
+    keep: Callable[[bytes], bool],
+    timeout_s: float = 60.0,
+) -> dict[bytes, bytes]:
+    """The last value of every key on ``topic`` that ``keep`` accepts (up to its end when
+    called)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from streams.kafka_clients import stop_consumer, topic_partitions
@@ -320,11 +447,11 @@ async def read_latest(
     try:
         tps = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
         if not tps:
-            return None
+            return {}
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
-        latest: bytes | None = None
+        latest: dict[bytes, bytes] = {}
         # Done when the last record before the end was returned (the last record of a
         # compacted topic is in its active segment, which is never cleaned).
         remaining = {tp for tp in tps if ends[tp] > 0}
@@ -335,11 +462,14 @@ async def read_latest(
             batches = await consumer.getmany(*remaining, timeout_ms=500)
             for tp, records in batches.items():
                 for record in records:
-                    if record.offset < ends[tp] and record.key == key:
-                        latest = record.value
+                    if record.offset < ends[tp] and record.key is not None and keep(record.key):
+                        if record.value is None:
+                            latest.pop(record.key, None)  # a tombstone
+                        else:
+                            latest[record.key] = record.value
                 if records and records[-1].offset + 1 >= ends[tp]:
                     remaining.discard(tp)
-        logger.debug("%s: read up to %s, value %s", topic, ends, "found" if latest else "absent")
+        logger.debug("%s: read up to %s, %d keys", topic, ends, len(latest))
         return latest
     finally:
         await stop_consumer(consumer)

@@ -2,6 +2,9 @@
 
 Pure: no clock, no I/O. A :class:`WindowTotals` is what the aggregator keeps per open window
 (and per open correction); its state is plain JSON so the aggregator can be serialised.
+Answer quality (:class:`~streams.monitors.quality.QualityCounts`) and the engine-seconds
+cost are counted here, per window; the drift readings of a version are not window sums:
+the aggregator's ``annotate`` hook adds them when the window closes.
 """
 
 from __future__ import annotations
@@ -11,17 +14,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.metrics_windows.sketch import QuantileSketch
+from streams.monitors.quality import QualityCounts
 
 STAGES = ("queue", "batch_wait", "inference", "total")
 QUANTILES = (("p50_ms", 0.5), ("p95_ms", 0.95), ("p99_ms", 0.99))
+#: Filled by ``annotate`` (the version's drift reading when the window closed); else null.
 DRIFT_FIELDS = (
     "prompt_drift",
     "prompt_drift_p_value",
+    "prompt_drift_flagged",
+    "prompt_drift_reference",
+    "prompt_drift_current",
     "response_length_drift",
-    "refusal_rate",
-    "empty_rate",
-    "length_finish_rate",
+    "response_length_drift_p_value",
+    "response_length_drift_flagged",
 )
+
+
+def engine_seconds(record: Mapping[str, Any]) -> float:
+    """A result's share of its batch's engine call: ``inference_ms / batch_size`` in seconds
+    (the whole call when the batch size is unknown)."""
+    timings = record.get("timings") or {}
+    inference_ms = max(float(timings.get("inference_ms") or 0.0), 0.0)
+    batch_size = int(record.get("batch_size") or 0)
+    return inference_ms / max(batch_size, 1) / 1000.0
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -69,6 +85,8 @@ class WindowTotals:
         self.batch_size_max = 0
         self.feedback_count = 0
         self.feedback_score_sum = 0
+        self.quality = QualityCounts()
+        self.engine_seconds = 0.0
 
     # -- inputs ----------------------------------------------------------------------------
     def add_result(self, record: Mapping[str, Any]) -> None:
@@ -87,6 +105,8 @@ class WindowTotals:
             self.batches += 1
             self.batch_size_sum += batch_size
             self.batch_size_max = max(self.batch_size_max, batch_size)
+        self.quality.add_result(record)
+        self.engine_seconds += engine_seconds(record)
 
     def add_dead_letter(self, record: Mapping[str, Any]) -> None:
         self.records += 1
@@ -148,8 +168,22 @@ class WindowTotals:
             "closed_at": closed_at,
             "worker": worker,
         }
+        quality = self.quality
+        answered = quality.answers > 0
+        record.update(quality.window_fields())
+        record.update(
+            {
+                "truncated_rate": quality.truncated_rate,
+                "answers": quality.answers if answered else None,
+                "refusals": quality.refusals if answered else None,
+                "empty_answers": quality.empty if answered else None,
+                "truncated_answers": quality.truncated if answered else None,
+                "length_finishes": quality.length_finish if answered else None,
+                "engine_seconds": self.engine_seconds if self.requests else None,
+            }
+        )
         for name in DRIFT_FIELDS:
-            record[name] = None  # filled by the drift monitors (later work)
+            record[name] = None  # the aggregator's annotate hook fills them
         return record
 
     # -- state -----------------------------------------------------------------------------
@@ -166,6 +200,8 @@ class WindowTotals:
             "batch_size_max": self.batch_size_max,
             "feedback_count": self.feedback_count,
             "feedback_score_sum": self.feedback_score_sum,
+            "quality": self.quality.to_state(),
+            "engine_seconds": self.engine_seconds,
         }
 
     @classmethod
@@ -187,4 +223,7 @@ class WindowTotals:
             "feedback_score_sum",
         ):
             setattr(totals, name, int(state[name]))
+        # absent in a state written before the quality counts: start them at zero
+        totals.quality = QualityCounts.from_state(state.get("quality") or {})
+        totals.engine_seconds = float(state.get("engine_seconds") or 0.0)
         return totals

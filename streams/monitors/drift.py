@@ -16,9 +16,12 @@ base64 float16: 384 numbers take 768 bytes).
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +92,8 @@ class Reference:
 
     prompts: np.ndarray
     lengths: tuple[float, ...]
+    #: :func:`prompt_key` of each prompt: a live prompt equal to one of these is a repeat
+    prompt_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]], embed: Any) -> Reference:
@@ -101,8 +106,23 @@ class Reference:
                 prompts.append(str(record["prompt"]))
             if record.get("completion_tokens") is not None:
                 lengths.append(float(record["completion_tokens"]))
-        vectors = embed(prompts) if prompts else np.zeros((0, 0), dtype=np.float32)
-        return cls(np.asarray(vectors, dtype=np.float32), tuple(lengths))
+        unique = list(dict.fromkeys(prompts))  # a repeated prompt is one observation
+        vectors = embed(unique) if unique else np.zeros((0, 0), dtype=np.float32)
+        keys = tuple(prompt_key(p) for p in unique)
+        return cls(np.asarray(vectors, dtype=np.float32), tuple(lengths), keys)
+
+    @classmethod
+    def from_file(cls, path: Path, embed: Any) -> Reference:
+        """From a JSONL file of ``{"prompt", "completion_tokens"}`` records."""
+        with path.open(encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        return cls.from_records(records, embed)
+
+
+def prompt_key(prompt: str) -> str:
+    """Identity of a prompt for de-duplication: case and runs of whitespace ignored."""
+    normal = " ".join(prompt.split()).casefold()
+    return hashlib.blake2b(normal.encode("utf-8"), digest_size=8).hexdigest()
 
 
 class DriftMonitor:
@@ -120,12 +140,18 @@ class DriftMonitor:
         self._cur_lengths: deque[float] = deque(maxlen=config.current_size)
 
     # -- inputs ------------------------------------------------------------------------------
-    def add_prompt(self, vector: Sequence[float] | np.ndarray) -> None:
+    def add_prompt(self, vector: Sequence[float] | np.ndarray) -> bool:
+        """Add a prompt's vector; True when it went into the reference."""
         vec = np.asarray(vector, dtype=np.float32)
         if not self.pinned and len(self._ref_prompts) < self.config.reference_size:
             self._ref_prompts.append(vec)
-        else:
-            self._cur_prompts.append(vec)
+            return True
+        self._cur_prompts.append(vec)
+        return False
+
+    @property
+    def reference_full(self) -> bool:
+        return self.pinned or len(self._ref_prompts) >= self.config.reference_size
 
     def add_response_length(self, tokens: float) -> None:
         if not self.pinned and len(self._ref_lengths) < self.config.reference_size:
@@ -158,6 +184,17 @@ class DriftMonitor:
             len(self._ref_lengths),
             len(self._cur_lengths),
         )
+
+    def snapshot(self) -> DriftMonitor:
+        """A copy whose samples no longer change (the vectors are shared, not copied): its
+        :meth:`reading` can run in another thread while this one is fed."""
+        copy = DriftMonitor(self.config)
+        copy.pinned = self.pinned
+        copy._ref_prompts = list(self._ref_prompts)
+        copy._ref_lengths = list(self._ref_lengths)
+        copy._cur_prompts.extend(self._cur_prompts)
+        copy._cur_lengths.extend(self._cur_lengths)
+        return copy
 
     # -- state -------------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:

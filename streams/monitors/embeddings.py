@@ -56,9 +56,12 @@ def model_folder() -> Path:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 on CPU (mean pooling, L2-normalised), loaded on first use."""
 
-    def __init__(self, *, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(
+        self, *, device: str = "cpu", batch_size: int = 64, threads: int | None = None
+    ) -> None:
         self.device = device
         self.batch_size = batch_size
+        self.threads = threads  # torch intra-op threads; None: torch's default
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -68,6 +71,11 @@ class MiniLMEmbedder:
                 return
             folder = model_folder()
             from sentence_transformers import SentenceTransformer
+
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
 
             # a local folder: sentence-transformers reads it and asks no hub
             self._model = SentenceTransformer(

@@ -318,3 +318,74 @@ def test_every_monitor_gauge_has_an_alert() -> None:
     statistics = {"sluice_monitor_prompt_drift_mmd2", "sluice_monitor_response_length_ks"}
     missing = {n for n in names - statistics if n not in exprs}
     assert not missing, missing
+
+
+def test_the_monitor_rules_ship_with_compose_and_kubernetes() -> None:
+    yaml = pytest.importorskip("yaml")
+    import importlib.util
+
+    deploy = PROMETHEUS_DIR.parent
+    spec = importlib.util.spec_from_file_location(
+        "render_prometheusrule", PROMETHEUS_DIR / "render_prometheusrule.py"
+    )
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    shipped = deploy / "k8s" / "prometheusrule-monitors.yaml"
+    assert render.render_monitors() == shipped.read_text(), (
+        "deploy/k8s/prometheusrule-monitors.yaml is stale: run render_prometheusrule.py"
+    )
+    rules = yaml.safe_load((PROMETHEUS_DIR / "monitors.rules.yml").read_text())
+    assert yaml.safe_load(shipped.read_text())["spec"]["groups"] == rules["groups"]
+    kustomization = yaml.safe_load((deploy / "k8s" / "kustomization.yaml").read_text())
+    assert "prometheusrule-monitors.yaml" in kustomization["resources"]
+    compose = yaml.safe_load((deploy / "compose" / "docker-compose.yml").read_text())
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert any(
+        m.startswith("../prometheus/monitors.rules.yml:/etc/prometheus/rules/") for m in mounts
+    )
+    assert compose["services"]["metrics"]["environment"]["SLUICE_WORKER_ROLE"] == "metrics"
+    scrape = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    assert jobs["sluice-metrics"]["dns_sd_configs"][0]["names"] == ["metrics"]
+
+
+def test_every_cost_counter_has_an_alert() -> None:
+    yaml = pytest.importorskip("yaml")
+    from streams.metrics_windows.cost import CostCounters
+
+    rules = yaml.safe_load((PROMETHEUS_DIR / "monitors.rules.yml").read_text())
+    exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    cost = CostCounters(CollectorRegistry(), top_k=3)
+    used = {c._name for c in (cost.engine_seconds, cost.requests) if c._name in exprs}
+    assert used == {"sluice_tenant_engine_seconds", "sluice_tenant_requests"}
+
+
+def test_kubernetes_runs_one_metrics_worker_that_prometheus_scrapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    yaml = pytest.importorskip("yaml")
+    from streams.settings import Settings
+
+    k8s = PROMETHEUS_DIR.parent / "k8s"
+    docs = {d["kind"]: d for d in yaml.safe_load_all((k8s / "metrics.yaml").read_text())}
+    deployment, service, monitor = docs["Deployment"], docs["Service"], docs["ServiceMonitor"]
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # never two at once
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    (container,) = pod["spec"]["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    env = yaml.safe_load((k8s / "configmap.yaml").read_text())["data"]
+    env |= {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    settings = Settings()
+    assert settings.worker_role == "metrics" and settings.metrics_port == port
+    assert settings.metrics_host == "0.0.0.0"
+    kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
+    assert "metrics.yaml" in kustomization["resources"]
