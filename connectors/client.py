@@ -221,9 +221,11 @@ class SluiceClient:
         version: str | None = None,
         percent: int | None = None,
         issued_by: str | None = None,
+        evidence: str | None = None,
     ) -> str:
         """Publish a rollout ``ControlCommand`` (LOAD, CANARY, PROMOTE, ROLLBACK) that
-        every worker applies. Returns its command_id."""
+        every worker applies. Returns its command_id. ``evidence``: what an automatic
+        decision rests on (compact JSON, ``streams.canary.evidence_json``)."""
         record = {
             "command_id": uuid.uuid4().hex,
             "command": command.upper(),
@@ -232,6 +234,7 @@ class SluiceClient:
             "percent": percent,
             "issued_by": issued_by,
             "created_at": int(time.time() * 1000),
+            "evidence": evidence,
         }
         await self._require_producer().send_and_wait(
             self.settings.control_topic,
