@@ -252,6 +252,29 @@ def tail(
     err.print(f"[dim]{count} records[/]")
 
 
+# -- top ----------------------------------------------------------------------------------
+@app.command()
+def top(
+    once: bool = typer.Option(False, "--once", help="Print one snapshot and exit."),
+    interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
+) -> None:
+    """Live view: workers, partitions and lag, latest llm.metrics windows, the rollout."""
+    from connectors.top import run_top
+    from schemas.codec import codec_from_registry_url
+    from streams.bootstrap import resolve_bootstrap
+
+    settings = _settings()
+    _configure_logging("WARNING")
+    run_top(
+        settings,
+        resolve_bootstrap(settings),
+        codec_from_registry_url(settings.schema_registry_url),
+        console,
+        once=once,
+        interval_s=interval,
+    )
+
+
 # -- replay -------------------------------------------------------------------------------
 @app.command()
 def replay(
