@@ -299,7 +299,7 @@ def _print_windows(console: Console, settings: Settings, report: DemoReport) -> 
             f"demo's {wanted} records:"
         )
     for window in report.windows:
-        console.print(escape(format_window(window)), highlight=False)
+        console.print(escape(format_window(window)), highlight=False, soft_wrap=True)
     console.print(
         f"[dim]see them again: sluice tail {settings.metrics_topic} -b --no-follow; "
         "live: sluice top[/]"

@@ -7,15 +7,19 @@ rollout on ``llm.control``. :mod:`.gather` reads the broker, :mod:`.render` draw
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import replace
 
 from rich.console import Console
 from rich.live import Live
 
-from connectors.top.gather import gather
+from connectors.top.gather import TopError, gather
 from connectors.top.render import render
 from connectors.top.snapshot import Snapshot
 from schemas.codec import AvroCodec
 from streams.settings import Settings
+
+__all__ = ["TopError", "run_top"]
 
 
 def run_top(
@@ -30,18 +34,23 @@ def run_top(
     """Print one snapshot (``once``) or refresh one every ``interval_s`` until Ctrl-C;
     returns the last snapshot."""
     alpha = settings.monitor_alpha
-    snapshot = asyncio.run(gather(settings, bootstrap, codec))
     if once:
+        snapshot = asyncio.run(gather(settings, bootstrap, codec))  # TopError: exit 1
         console.print(render(snapshot, drift_alpha=alpha))
         return snapshot
+    snapshot = Snapshot(int(time.time() * 1000), bootstrap, errors=("connecting…",))
 
     async def loop() -> Snapshot:
         nonlocal snapshot
         with Live(render(snapshot, drift_alpha=alpha), console=console, screen=False) as live:
             while True:
+                try:
+                    snapshot = await gather(settings, bootstrap, codec)
+                    shown = snapshot
+                except TopError as exc:  # the broker gone: keep the last view, say why
+                    shown = replace(snapshot, errors=(*snapshot.errors, str(exc)))
+                live.update(render(shown, drift_alpha=alpha))
                 await asyncio.sleep(interval_s)
-                snapshot = await gather(settings, bootstrap, codec)
-                live.update(render(snapshot, drift_alpha=alpha))
 
     try:
         return asyncio.run(loop())

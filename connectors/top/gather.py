@@ -18,16 +18,21 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import KafkaError
 
 from connectors.top.snapshot import Group, Member, PartitionLag, Snapshot, latest_windows
 from schemas.codec import AvroCodec
-from schemas.errors import RegistryError, SchemaError
+from schemas.errors import RegistryError, SchemaError, SluiceError
 from schemas.registry import adecode
 from streams.kafka_clients import stop_consumer, topic_partitions
 from streams.rollout import fold
 from streams.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+class TopError(SluiceError):
+    """The broker could not be read for a snapshot."""
 
 
 def role_groups(settings: Settings) -> list[tuple[str, str]]:
@@ -88,13 +93,15 @@ async def gather(
         auto_offset_reset="earliest",
         **options,
     )
-    await admin.start()
-    await consumer.start()
     try:
+        await admin.start()
+        await consumer.start()
         groups = await _groups(admin, settings, errors)
         partitions = await _lag(admin, consumer, settings, groups, errors)
         windows = await _recent(consumer, settings.metrics_topic, window_records, codec)
         commands = await _recent(consumer, settings.control_topic, None, codec)
+    except KafkaError as exc:
+        raise TopError(f"cannot read the broker at {bootstrap}: {exc}") from exc
     finally:
         await stop_consumer(consumer)
         await admin.close()
