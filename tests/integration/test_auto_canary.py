@@ -22,6 +22,7 @@ import pytest
 
 from connectors.client import SluiceClient
 from connectors.processes import settings_env
+from connectors.tail import format_line, tail
 from inference.registry import ModelRegistry
 from schemas.codec import AvroCodec
 from streams.control import read_rollout
@@ -136,6 +137,18 @@ async def _scenario(settings: Settings, tmp_path: Path, candidate: str) -> dict:
         settings, settings.control_topic, timeout=5, until=lambda rs: len(rs) >= 3
     )
     log = await read_rollout(settings.kafka_bootstrap, settings.control_topic, AvroCodec.default())
+    lines: list[str] = []  # what `sluice tail llm.control -b --no-follow` prints
+    await tail(
+        settings.kafka_bootstrap,
+        settings.control_topic,
+        AvroCodec.default(),
+        lambda entry: lines.append(format_line(entry)),
+        from_beginning=True,
+        follow=False,
+        idle_exit_s=1.0,
+    )
+    shown = json.loads(lines[-1])["value"]["evidence"]
+    assert shown == json.loads(commands[-1]["evidence"]), "tail shows the evidence as JSON"
     return {
         "decision": commands[-1],
         "commands": [c["command"] for c in commands],
