@@ -13,7 +13,7 @@ from dataclasses import replace
 from rich.console import Console
 from rich.live import Live
 
-from connectors.top.gather import TopError, gather
+from connectors.top.gather import TopError, take_snapshot
 from connectors.top.render import render
 from connectors.top.snapshot import Snapshot
 from schemas.codec import AvroCodec
@@ -35,7 +35,7 @@ def run_top(
     returns the last snapshot."""
     alpha = settings.monitor_alpha
     if once:
-        snapshot = asyncio.run(gather(settings, bootstrap, codec))  # TopError: exit 1
+        snapshot = asyncio.run(take_snapshot(settings, bootstrap, codec))  # TopError: exit 1
         console.print(render(snapshot, drift_alpha=alpha))
         return snapshot
     snapshot = Snapshot(int(time.time() * 1000), bootstrap, errors=("connecting…",))
@@ -45,7 +45,7 @@ def run_top(
         with Live(render(snapshot, drift_alpha=alpha), console=console, screen=False) as live:
             while True:
                 try:
-                    snapshot = await gather(settings, bootstrap, codec)
+                    snapshot = await take_snapshot(settings, bootstrap, codec)
                     shown = snapshot
                 except TopError as exc:  # the broker gone: keep the last view, say why
                     shown = replace(snapshot, errors=(*snapshot.errors, str(exc)))

@@ -75,7 +75,7 @@ def parse_members(raw: Iterable[tuple[Any, ...]]) -> tuple[Member, ...]:
     return tuple(sorted(members, key=lambda m: m.client_id))
 
 
-async def gather(
+async def take_snapshot(
     settings: Settings,
     bootstrap: str,
     codec: AvroCodec,

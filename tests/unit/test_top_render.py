@@ -125,3 +125,44 @@ def test_member_assignments_are_decoded() -> None:
     v0 = parse_members([("member-123456", "faust", "/10.1.1.1", b"", data)])
     assert v4 == v0 and v0[0].host == "10.1.1.1" and v0[0].label == "faust~123456"
     assert owned_partitions(v0[0].partitions, "app-") == "llm.requests 0,2"
+
+
+def test_the_live_view_keeps_the_last_snapshot_when_the_broker_fails(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import connectors.top as top
+    from connectors.top.gather import TopError
+    from streams.settings import Settings
+
+    good = Snapshot(0, "b", windows=(_window("v1", 0, 5),))
+    answers: list[object] = [good, TopError("cannot read the broker at b: gone")]
+    frames: list[str] = []
+
+    async def fake_snapshot(*_: object) -> Snapshot:
+        if not answers:
+            raise KeyboardInterrupt
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    class FakeLive:
+        def __init__(self, renderable: object, **_: object) -> None:
+            self.update(renderable)
+
+        def __enter__(self) -> FakeLive:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            return None
+
+        def update(self, renderable: object) -> None:
+            console = Console(record=True, width=200)
+            console.print(renderable)
+            frames.append(console.export_text())
+
+    monkeypatch.setattr(top, "take_snapshot", fake_snapshot)
+    monkeypatch.setattr(top, "Live", FakeLive)
+    last = top.run_top(Settings(), "b", None, Console(), interval_s=0.01)  # type: ignore[arg-type]
+    assert last is good
+    assert "connecting" in frames[0]
+    assert "m/v1" in frames[1] and "cannot read" not in frames[1]
+    assert "m/v1" in frames[2] and "! cannot read the broker at b: gone" in frames[2]
