@@ -253,6 +253,29 @@ def tail(
     err.print(f"[dim]{count} records[/]")
 
 
+# -- top ----------------------------------------------------------------------------------
+@app.command()
+def top(
+    once: bool = typer.Option(False, "--once", help="Print one snapshot and exit."),
+    interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes."),
+) -> None:
+    """Live view: workers, partitions and lag, latest llm.metrics windows, the rollout."""
+    from connectors.top import run_top
+    from schemas.codec import codec_from_registry_url
+    from streams.bootstrap import resolve_bootstrap
+
+    settings = _settings()
+    _configure_logging("WARNING")
+    run_top(
+        settings,
+        resolve_bootstrap(settings),
+        codec_from_registry_url(settings.schema_registry_url),
+        console,
+        once=once,
+        interval_s=interval,
+    )
+
+
 # -- replay -------------------------------------------------------------------------------
 @app.command()
 def replay(
@@ -444,9 +467,11 @@ def _send_control(
     version: str | None = None,
     percent: int | None = None,
     issued_by: str | None = None,
+    evidence: str | None = None,
 ):  # type: ignore[no-untyped-def]
     """Fold llm.control, check COMMAND against that state with the workers' own rules
-    (``RolloutState.transition``), then publish it; a refused command is not sent."""
+    (``RolloutState.transition``), then publish it (with ``evidence``, for automatic
+    decisions); a refused command is not sent."""
     import getpass
 
     from connectors.client import SluiceClient
@@ -473,6 +498,7 @@ def _send_control(
                 version=version,
                 percent=percent,
                 issued_by=issued_by or getpass.getuser(),
+                evidence=evidence,
             )
         finally:
             await client.stop()
@@ -551,12 +577,18 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
     since ``since_ms``, decide with ``streams.canary.decide`` every ``SLUICE_CANARY_POLL_S``
     and publish PROMOTE or ROLLBACK with the evidence (or give up after the timeout)."""
     import getpass
-    import json
 
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from streams.bootstrap import resolve_bootstrap
-    from streams.canary import CanaryPolicy, arm_stats, base_version, decide, window_start_ms
+    from streams.canary import (
+        CanaryPolicy,
+        arm_stats,
+        base_version,
+        decide,
+        evidence_json,
+        window_start_ms,
+    )
     from streams.codecs import codec_from_settings
     from streams.kafka_clients import stop_consumer, topic_partitions
 
@@ -614,9 +646,10 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
     if decision is None:
         err.print("[yellow]no decision within SLUICE_CANARY_TIMEOUT_S; nothing was sent[/]")
         raise typer.Exit(3)
-    print(json.dumps(decision.evidence(), default=str))
+    evidence = evidence_json(decision, policy)
+    print(evidence)
     err.print(f"{decision.verdict}: {escape(decision.reason)}")
-    _send_control(decision.verdict, issued_by=f"canary-auto:{getpass.getuser()}")
+    _send_control(decision.verdict, issued_by=f"canary-auto:{getpass.getuser()}", evidence=evidence)
 
 
 @model_app.command("promote")

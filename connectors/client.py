@@ -222,10 +222,12 @@ class SluiceClient:
         version: str | None = None,
         percent: int | None = None,
         issued_by: str | None = None,
+        evidence: str | None = None,
     ) -> str:
         """Publish a rollout ``ControlCommand`` (LOAD, CANARY, PROMOTE, ROLLBACK) that
         every worker applies, signed with ``control_signing_key`` when it is set
-        (:mod:`streams.control_auth`). Returns its command_id."""
+        (:mod:`streams.control_auth`). Returns its command_id. ``evidence``: what an
+        automatic decision rests on (compact JSON, ``streams.canary.evidence_json``)."""
         from streams.control_auth import control_keys
 
         record = {
@@ -236,6 +238,7 @@ class SluiceClient:
             "percent": percent,
             "issued_by": issued_by,
             "created_at": int(time.time() * 1000),
+            "evidence": evidence,
         }
         value = self.codec.encode("ControlCommand", record)
         await self._require_producer().send_and_wait(

@@ -1,7 +1,9 @@
 """``sluice tail TOPIC``: print decoded records of any Sluice topic, the DLQ included.
 
 Records are printed as one JSON object per line, except ``MetricsWindow`` records (on
-``llm.metrics``), which get one readable line per window (:func:`format_window`).
+``llm.metrics``), which get one readable line per window (:func:`format_window`). A
+``ControlCommand``'s ``evidence`` (the JSON an automatic canary decision rests on) is shown
+as JSON inside the line, not as an escaped string.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ def format_line(entry: dict[str, Any]) -> str:
     value = entry.get("value")
     if isinstance(value, dict) and value.get("_schema") == "MetricsWindow":
         return format_window(value)
+    if isinstance(value, dict) and isinstance(value.get("evidence"), str):
+        try:
+            entry = {**entry, "value": {**value, "evidence": json.loads(value["evidence"])}}
+        except ValueError:
+            pass  # not JSON: shown as the string it is
     return json.dumps(entry, ensure_ascii=False, default=str)
 
 

@@ -35,6 +35,7 @@ variance is the plug-in estimate, so the guarantee is asymptotic). Then:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -294,6 +295,39 @@ def decide(
         return verdict("ROLLBACK", f"inconclusive after {n} candidate results: {unproven}")
     waiting = regressions or unproven or [f"{n}/{policy.min_requests} candidate results"]
     return verdict("CONTINUE", "needs more traffic: " + "; ".join(waiting))
+
+
+def evidence_json(decision: CanaryDecision, policy: CanaryPolicy) -> str:
+    """What ``decision`` rests on as compact JSON, for the ``evidence`` field of the
+    ControlCommand it publishes: the verdict and reason, per arm (``candidate``, ``base``)
+    the traffic (results, windows), bad-answer rate, p99, feedback mean and a ``drifted``
+    flag (prompt drift p-value below ``drift_alpha``), each check's estimate and
+    always-valid bounds with its margin, and the policy."""
+
+    def arm(summary: dict[str, Any]) -> dict[str, Any]:
+        p_value = summary.get("min_prompt_drift_p_value")
+        return {**summary, "drifted": p_value is not None and p_value < policy.drift_alpha}
+
+    body = {
+        "verdict": decision.verdict,
+        "reason": decision.reason,
+        "candidate": arm(decision.candidate),
+        "base": arm(decision.base),
+        "checks": decision.checks,
+        "policy": asdict(policy),
+    }
+    return json.dumps(_finite(body), separators=(",", ":"), default=str, allow_nan=False)
+
+
+def _finite(node: Any) -> Any:
+    """``node`` with NaN and infinities as ``None`` (JSON has neither)."""
+    if isinstance(node, float):
+        return node if math.isfinite(node) else None
+    if isinstance(node, dict):
+        return {str(k): _finite(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_finite(v) for v in node]
+    return node
 
 
 def window_start_ms(window: Mapping[str, Any]) -> int:

@@ -67,6 +67,10 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             delay_s=settings.benchmark_delay_ms / 1000.0,
             dead_after=settings.benchmark_dead_after,
             overloaded_s=settings.benchmark_overloaded_s,
+            broken=settings.benchmark_broken_answer
+            if settings.model_version
+            and settings.model_version in settings.benchmark_broken_versions.split(",")
+            else None,
         )
         if settings.model_version:
             engine.model_version = settings.model_version  # the label results carry

@@ -167,6 +167,16 @@ class Settings(BaseSettings):
         ge=0,
         description="benchmark backend (fault drill): overloaded for this long after start.",
     )
+    benchmark_broken_versions: str = Field(
+        "",
+        description="benchmark backend (fault drill for canaries): comma-separated model "
+        "versions that answer badly, the way SLUICE_BENCHMARK_BROKEN_ANSWER says.",
+    )
+    benchmark_broken_answer: Literal["empty", "error"] = Field(
+        "empty",
+        description="How a broken benchmark version answers: empty (OK with no text) or "
+        "error (an ERROR result for every request).",
+    )
 
     # --- admission and batching -----------------------------------------------------------
     max_prompt_chars: int = Field(16_000, ge=1)

@@ -12,7 +12,10 @@ Two fault drills stand in for a real engine's bad days (tests and operators' dri
 ``dead_after=N`` (``SLUICE_BENCHMARK_DEAD_AFTER``) makes the engine die after N requests
 (``dead_error`` set, every later call raises :class:`EngineDeadError`), and
 ``overloaded_s=S`` (``SLUICE_BENCHMARK_OVERLOADED_S``) makes it refuse work with the retriable
-:class:`EngineOverloadedError` for S seconds after start.
+:class:`EngineOverloadedError` for S seconds after start. A third stands in for a bad model
+version in a canary: ``broken="empty"`` answers every request OK with no text and
+``broken="error"`` fails every request on its own (an ERROR result, the engine stays alive);
+``SLUICE_BENCHMARK_BROKEN_VERSIONS`` names the versions built that way.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 from inference.backends.base import Engine
-from inference.errors import EngineDeadError, EngineOverloadedError
+from inference.errors import EngineDeadError, EngineError, EngineOverloadedError
 from inference.types import Completion, GenerationRequest
 
 
@@ -39,6 +43,7 @@ class BenchmarkEngine(Engine):
         delay_s: float = 0.0,
         dead_after: int | None = None,
         overloaded_s: float = 0.0,
+        broken: Literal["empty", "error"] | None = None,
     ) -> None:
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, not {delay_s}")
@@ -50,6 +55,7 @@ class BenchmarkEngine(Engine):
         self._dead_after = dead_after
         self._overloaded_until = 0.0
         self._overloaded_s = overloaded_s
+        self._broken = broken
         self._served = 0
         self._dead: BaseException | None = None
 
@@ -86,6 +92,18 @@ class BenchmarkEngine(Engine):
             self._dead = EngineDeadError(f"died after {self._served} requests (fault drill)")
             raise self._dead
         self._served += len(batch)
+        if self._broken == "error":
+            return [EngineError("broken benchmark version (fault drill)") for _ in batch]
+        if self._broken == "empty":
+            return [
+                Completion(
+                    text="",
+                    finish_reason="stop",
+                    prompt_tokens=len(r.prompt_ids),
+                    completion_tokens=0,
+                )
+                for r in batch
+            ]
         return [
             Completion(
                 text=self.text_for(r),
