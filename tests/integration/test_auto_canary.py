@@ -168,7 +168,7 @@ def _settings(settings_factory, tmp_path: Path) -> Settings:  # type: ignore[no-
         registry_dir=registry_dir,
         benchmark_delay_ms=20,
         benchmark_broken_versions=BAD,
-        benchmark_broken_answer="error",
+        benchmark_broken_answer="empty",
         metrics_window_s=2,
         metrics_rollup_s=0,
         metrics_lateness_s=1,
