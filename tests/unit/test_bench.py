@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -23,12 +24,21 @@ from connectors.bench.stats import (
     compare_outputs,
     cpu_usage,
     latency_summary,
+    load_figures,
+    load_targets,
     percentile,
     ratio,
     summarize,
     targets,
 )
-from connectors.bench.workload import make_prompts, paced, schedule_offsets, sweep_plan
+from connectors.bench.workload import (
+    level_count,
+    make_prompts,
+    paced,
+    poisson_offsets,
+    schedule_offsets,
+    sweep_plan,
+)
 from streams.settings import Settings
 
 
@@ -437,3 +447,112 @@ def test_busy_warning() -> None:
     assert busy_warning(None, 2) is None
     note = busy_warning([5.0, 1.0, 1.0], 2)
     assert note is not None and "lower bounds" in note
+
+
+# -- partial load ------------------------------------------------------------------------
+def test_poisson_offsets_are_seeded_increasing_and_have_the_rate() -> None:
+    a = poisson_offsets(2000, 50.0, seed=3)
+    assert a == poisson_offsets(2000, 50.0, seed=3)
+    assert a != poisson_offsets(2000, 50.0, seed=4)
+    assert a[0] == 0.0 and all(x < y for x, y in itertools.pairwise(a))
+    gaps = [y - x for x, y in itertools.pairwise(a)]
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50.0, rel=0.1)
+    # exponential gaps: the coefficient of variation is about 1 (a fixed rate gives 0)
+    mean = sum(gaps) / len(gaps)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps))
+    assert sd / mean == pytest.approx(1.0, abs=0.15)
+    assert poisson_offsets(0, 1.0) == [] and poisson_offsets(1, 1.0) == [0.0]
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            poisson_offsets(3, bad)
+
+
+def test_level_count_bounds_the_arrival_span() -> None:
+    assert level_count(24, 10.0, 60.0) == 24  # 2.4 s of arrivals
+    assert level_count(24, 0.2, 60.0) == 12  # 24 would take 120 s
+    assert level_count(24, 0.01, 60.0) == 4  # at least a few requests
+    assert level_count(3, 0.01, 60.0) == 3  # ...but never more than asked
+    assert level_count(24, 0.0, 60.0) == 24
+
+
+async def test_paced_follows_given_offsets() -> None:
+    clock = FakeClock()
+    sent: list[float] = []
+    async for _ in paced(3, None, offsets=[0.0, 0.25, 0.3], clock=clock, sleep=clock.sleep):
+        sent.append(clock.now - 100.0)
+    assert sent == pytest.approx([0.0, 0.25, 0.3])
+    with pytest.raises(ValueError):
+        async for _ in paced(2, None, offsets=[0.0]):
+            pass
+
+
+def test_load_level_options() -> None:
+    assert BenchOptions().load_level_list() == [0.25, 0.5, 0.9]
+    assert BenchOptions(load_levels="0.9, 0.5,0.5").load_level_list() == [0.5, 0.9]
+    for off in ("", "none", " off "):
+        assert BenchOptions(load_levels=off).load_level_list() == []
+    for bad in (
+        BenchOptions(load_levels="0.5,x"),
+        BenchOptions(load_levels="0"),
+        BenchOptions(load_levels="1.5"),
+        BenchOptions(load_requests=0),
+        BenchOptions(lone_requests=0),
+        BenchOptions(load_level_max_s=0.0),
+    ):
+        with pytest.raises(BenchError):
+            bad.validate(Settings())
+
+
+def _e2e_run(e2e_ms: list[float], wall_s: float, rate: float | None = None) -> dict:
+    samples = [
+        Sample(i, "OK", 5, 4, 2, {"inference": 1.0, "total": 2.0, "e2e": v})
+        for i, v in enumerate(e2e_ms)
+    ]
+    summary = summarize(samples, wall_s, label="x", engine="torch")
+    summary["target_rate"] = rate
+    return summary
+
+
+def _load() -> dict:
+    lone = _e2e_run([100.0, 200.0, 300.0], 1.0)
+    levels = [
+        (0.25, _e2e_run([150.0, 250.0, 350.0], 3.0, 0.5)),
+        (0.5, _e2e_run([300.0, 400.0, 500.0], 2.0, 1.0)),
+    ]
+    return load_figures(2.0, lone, levels)
+
+
+def test_load_figures_and_target() -> None:
+    load = _load()
+    assert load["saturation_requests_per_s"] == 2.0
+    assert load["lone"]["p50"] == 200.0 and load["lone"]["requests"] == 3
+    quarter, half = load["levels"]
+    assert (quarter["fraction"], quarter["target_rate"]) == (0.25, 0.5)
+    assert quarter["p50"] == 250.0 and quarter["p50_vs_lone"] == pytest.approx(1.25)
+    assert half["p50_vs_lone"] == pytest.approx(2.0)
+    assert half["p99_vs_lone"] == pytest.approx(half["p99"] / 200.0)
+    assert half["achieved_requests_per_s"] == pytest.approx(1.5)
+    t = load_targets(load)["half_load_p50_vs_lone"]
+    assert t["value"] == pytest.approx(2.0) and t["rate"] == 1.0
+    assert t["target"] == 1.5 and t["met"] is False
+    load["levels"][1]["p50_vs_lone"] = 1.4
+    assert load_targets(load)["half_load_p50_vs_lone"]["met"] is True
+    assert load_targets({"levels": load["levels"][:1]}) == {}  # no 50 % level, no target
+    assert load_targets({}) == {}
+
+
+def test_report_prints_the_load_table(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    report = _fake_report(tmp_path)
+    report["load"] = _load()
+    report["targets"] |= load_targets(report["load"])
+    json.dumps(jsonable(report))
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    out = console.export_text()
+    assert "publish -> result at partial load (saturation 2.00 req/s" in out
+    assert "lone (1 at a time)" in out and "50 % of saturation" in out
+    assert "p50 publish -> result at 50 % load (1.00 req/s) / lone" in out
+    row = next(line for line in out.splitlines() if "at 50 % load" in line)
+    assert "2.00" in row and "<= 1.5" in row and "missed" in row
