@@ -281,3 +281,8 @@ class Settings(BaseSettings):
     @property
     def registry_path(self) -> Path:
         return self.registry_dir or self.home / "registry"
+
+    @property
+    def trt_inflight_factor(self) -> float:
+        """Deprecated name of :attr:`inflight_factor` (read-only)."""
+        return self.inflight_factor
