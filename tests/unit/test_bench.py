@@ -552,7 +552,9 @@ def test_report_prints_the_load_table(tmp_path: Path) -> None:
     print_report(report, console)
     out = console.export_text()
     assert "publish -> result at partial load (saturation 2.00 req/s" in out
-    assert "lone (1 at a time)" in out and "50 % of saturation" in out
+    assert "lone" in out and "one request at a time" in out
+    half = next(line for line in out.splitlines() if line.strip("│ ").startswith("50 %"))
+    assert "1.00" in half and "2.00" in half  # target rate, p50 x lone
     assert "p50 publish -> result at 50 % load (1.00 req/s) / lone" in out
     row = next(line for line in out.splitlines() if "at 50 % load" in line)
     assert "2.00" in row and "<= 1.5" in row and "missed" in row
