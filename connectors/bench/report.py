@@ -259,23 +259,13 @@ def _load_table(load: dict[str, Any]) -> Table:
         title="pipeline: publish -> result at partial load "
         f"(saturation {_num(load['saturation_requests_per_s'], 2)} req/s, "
         f"{load.get('arrivals', 'open loop')})",
-        caption="x lone = the level's percentile over the lone requests' p50",
+        caption="load: fraction of saturation · lone: one request at a time · "
+        "x lone: the level's percentile over the lone p50",
     )
-    for col in (
-        "load",
-        "target req/s",
-        "achieved req/s",
-        "requests",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "p50 x lone",
-        "p99 x lone",
-        "mean batch",
-    ):
+    for col in ("load", "req/s", "got", "ok", "p50 ms", "p95 ms", "p99 ms", "p50 x", "p99 x"):
         table.add_column(col, justify="left" if col == "load" else "right")
     table.add_row(
-        "lone (1 at a time)",
+        "lone",
         "-",
         "-",
         f"{lone['ok']}/{lone['requests']}",
@@ -284,11 +274,10 @@ def _load_table(load: dict[str, Any]) -> Table:
         _ms(lone["p99"]),
         "1.00" if lone["p50"] else "-",
         "-",
-        "-",
     )
     for row in load["levels"]:
         table.add_row(
-            f"{100 * row['fraction']:g} % of saturation",
+            f"{100 * row['fraction']:g} %",
             _num(row["target_rate"], 2),
             _num(row["achieved_requests_per_s"], 2),
             f"{row['ok']}/{row['requests']}",
@@ -297,6 +286,5 @@ def _load_table(load: dict[str, Any]) -> Table:
             _ms(row["p99"]),
             _num(row["p50_vs_lone"], 2),
             _num(row["p99_vs_lone"], 2),
-            _num(row["mean_batch_size"], 1),
         )
     return table
