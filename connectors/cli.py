@@ -686,6 +686,22 @@ def bench(
     quantize_compare: bool = typer.Option(
         True, "--int8/--no-int8", help="Also compare int8 dynamic quantization."
     ),
+    anchor: bool = typer.Option(
+        True, "--anchor/--no-anchor", help="With direct: the same prompts through llama.cpp."
+    ),
+    anchor_requests: int = typer.Option(16, "--anchor-requests", help="Prompts of the anchor."),
+    anchor_concurrency: int = typer.Option(
+        16, "--anchor-concurrency", help="Requests outstanding in the anchor's concurrent pass."
+    ),
+    load_levels: str = typer.Option(
+        "0.25,0.5,0.9",
+        "--load-levels",
+        help="With pipeline: Poisson arrivals at these fractions of saturation ('none': off).",
+    ),
+    load_requests: int = typer.Option(24, "--load-requests", help="Requests per load level."),
+    lone_requests: int = typer.Option(
+        6, "--lone-requests", help="Requests sent one at a time for the lone latency."
+    ),
     out_dir: Path = typer.Option(Path("bench-results"), "--out-dir"),
 ) -> None:
     """Measure the engine alone, the whole pipeline, and the pipeline's own ceiling."""
@@ -705,6 +721,12 @@ def bench(
         batch_sizes=batch_sizes,
         modes=modes,
         quantize_compare=quantize_compare,
+        anchor=anchor,
+        anchor_requests=anchor_requests,
+        anchor_concurrency=anchor_concurrency,
+        load_levels=load_levels,
+        load_requests=load_requests,
+        lone_requests=lone_requests,
         out_dir=out_dir,
     )
     run_bench(settings, options, console)

@@ -1,7 +1,8 @@
 """Builds the engine the settings ask for, and the engine of a registered model version.
 
-Each backend reads its model from its own setting: torch from ``model_path``, TensorRT-LLM
-from ``trt_model``, the benchmark engine from none (it only carries a version label).
+Each backend reads its model from its own setting: torch from ``model_path``, llama.cpp
+from ``llama_model`` (the folder's one ``.gguf`` file), TensorRT-LLM from ``trt_model``,
+the benchmark engine from none (it only carries a version label).
 :func:`settings_for_version` is the one place that knows this, so a rollout LOAD gives
 every backend the version's folder where that backend looks for it.
 """
@@ -97,6 +98,10 @@ def settings_for_version(settings: Settings, version: str, folder: Path) -> Sett
     and the version label set to ``version``."""
     if settings.backend == "torch":
         update: dict[str, Any] = {"model_path": Path(folder)}
+    elif settings.backend == "llama_cpp":
+        from inference.backends.model_files import find_gguf
+
+        update = {"llama_model": find_gguf(Path(folder))}
     elif settings.backend == "tensorrt_llm":
         update = {"trt_model": str(folder)}
     elif settings.backend == "benchmark":

@@ -304,7 +304,7 @@ class IntakePipeline:
         if engine.inflight_batching:
             return InflightDispatcher(
                 engine.generate_one,
-                max_inflight=max(1, int(engine.max_batch_size * settings.trt_inflight_factor)),
+                max_inflight=max(1, int(engine.max_batch_size * settings.inflight_factor)),
             )
 
         async def run_batch(batch: Sequence[GenerationRequest]) -> list[Completion | BaseException]:

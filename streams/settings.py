@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,7 @@ class Settings(BaseSettings):
         env_file=os.environ.get("SLUICE_ENV_FILE"),
         frozen=True,
         extra="ignore",
+        validate_by_name=True,  # fields with an env alias still take their name as a kwarg
     )
 
     # --- where state lives -------------------------------------------------------------
@@ -148,8 +149,13 @@ class Settings(BaseSettings):
     trt_max_batch_size: int = Field(64, ge=1, description="TensorRT-LLM engine batch size.")
     trt_max_num_tokens: int = Field(8192, ge=1)
     trt_kv_cache_free_gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
-    trt_inflight_factor: float = Field(
-        1.5, ge=1, description="In-flight requests = factor x trt_max_batch_size."
+    inflight_factor: float = Field(
+        1.5,
+        ge=1,
+        description="Engines that batch in flight (torch, llama_cpp, tensorrt_llm): requests "
+        "in flight = factor x the engine's max batch size. SLUICE_TRT_INFLIGHT_FACTOR is its "
+        "deprecated name (still read; the new name wins).",
+        validation_alias=AliasChoices("SLUICE_INFLIGHT_FACTOR", "SLUICE_TRT_INFLIGHT_FACTOR"),
     )
     benchmark_completion_tokens: int = Field(
         16, ge=1, description="benchmark backend: tokens in its fixed completion."
@@ -334,3 +340,8 @@ class Settings(BaseSettings):
     @property
     def registry_path(self) -> Path:
         return self.registry_dir or self.home / "registry"
+
+    @property
+    def trt_inflight_factor(self) -> float:
+        """Deprecated name of :attr:`inflight_factor` (read-only)."""
+        return self.inflight_factor

@@ -40,6 +40,11 @@ class Engine(abc.ABC):
     def encode_prompt(self, prompt: str, *, system: str | None, raw: bool) -> list[int]:
         """Token ids the model will see for this prompt (chat template applied unless raw)."""
 
+    def tokenize_text(self, text: str) -> list[int]:
+        """Token ids of plain text: no chat template and, where the engine can leave them
+        out, no special tokens (for comparing outputs token by token)."""
+        return self.encode_prompt(text, system=None, raw=True)
+
     @abc.abstractmethod
     async def generate(
         self, batch: Sequence[GenerationRequest]

@@ -39,7 +39,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import queue
@@ -72,11 +71,9 @@ def import_llama_cpp() -> Any:
 
 def gguf_version(path: Path) -> str:
     """A version label for a GGUF file: its name and a digest of its bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{Path(path).stem.lower()}-{digest.hexdigest()[:12]}+llama.cpp"
+    from inference.backends.model_files import file_digest
+
+    return f"{Path(path).stem.lower()}-{file_digest(Path(path))}+llama.cpp"
 
 
 class LlamaCppEngine(Engine):
@@ -176,6 +173,12 @@ class LlamaCppEngine(Engine):
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
         return runtime.tokenize(runtime.render_chat(messages), add_special=False)
+
+    def tokenize_text(self, text: str) -> list[int]:
+        runtime = self._runtime
+        if runtime is None:
+            raise EngineError("engine not started")
+        return runtime.tokenize(text, add_special=False)
 
     def decode_tokens(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` as the engine renders completions (special tokens left out)."""

@@ -71,7 +71,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / VERSION_FILE).write_text(f"{SMOLLM2_FOLDER}-q4_1-{_file_digest(gguf_file)}\n")
+        (staging / VERSION_FILE).write_text(f"{SMOLLM2_FOLDER}-q4_1-{file_digest(gguf_file)}\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)  # atomic: a half-written folder is never mistaken for a model
@@ -105,6 +105,15 @@ def resolve_model_dir(model_path: Path | None, cache_dir: Path) -> Path:
     return convert_gguf(find_smollm2_gguf(), target)
 
 
+def find_gguf(folder: Path) -> Path:
+    """The one ``*.gguf`` file in a model folder (what the llama_cpp backend loads)."""
+    found = sorted(Path(folder).glob("*.gguf"))
+    if len(found) != 1:
+        what = "no .gguf file" if not found else f"{len(found)} .gguf files"
+        raise ModelNotFoundError(f"{folder} holds {what}; the llama_cpp backend needs exactly one")
+    return found[0]
+
+
 def model_version(folder: Path) -> str:
     """The folder's declared version (``SLUICE_VERSION``), else a digest of its weights."""
     declared = folder / VERSION_FILE
@@ -120,7 +129,8 @@ def model_version(folder: Path) -> str:
     return f"{folder.name}-{digest.hexdigest()[:12]}"
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

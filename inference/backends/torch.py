@@ -257,6 +257,11 @@ class TorchEngine(Engine):
     def encode_prompt(self, prompt: str, *, system: str | None, raw: bool) -> list[int]:
         return encode_prompt(self._tokenizer, prompt, system=system, raw=raw)
 
+    def tokenize_text(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            raise EngineError("engine not started")
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
     # -- generation --------------------------------------------------------------------
     async def generate(
         self, batch: Sequence[GenerationRequest]

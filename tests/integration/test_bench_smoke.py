@@ -47,6 +47,8 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
         partitions=2,
         anchor_requests=2,
         anchor_concurrency=2,
+        load_requests=3,
+        lone_requests=2,
         out_dir=tmp_path / "out",
     )
     console = Console(record=True, width=160)
@@ -56,7 +58,8 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
     jsons = [f for f in files if f.endswith(".json")]
     pngs = [f for f in files if f.endswith(".png")]
     assert len(jsons) == 1, files
-    assert len(pngs) == 3, files  # batch sweep, latency CDF, ceiling added-latency CDF
+    # batch sweep, latency CDF, ceiling added-latency CDF, partial-load latency CDF
+    assert len(pngs) == 4, files
     for name in pngs:
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / jsons[0]).read_text())
@@ -87,6 +90,21 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert half["ok"] == half["requests"] > 0
     assert half["latency_ms"]["added"]["p99"] >= 0
 
+    load = saved["load"]
+    assert load["saturation_from"] == "pipeline"
+    assert load["saturation_requests_per_s"] == pytest.approx(pipeline["requests_per_s"])
+    assert load["lone"]["ok"] == load["lone"]["requests"] == 2 and load["lone"]["p50"] > 0
+    assert [row["fraction"] for row in load["levels"]] == [0.25, 0.5, 0.9]
+    for row in load["levels"]:
+        assert row["ok"] == row["requests"] == 3
+        assert row["target_rate"] == pytest.approx(row["fraction"] * pipeline["requests_per_s"])
+        assert row["p50"] > 0 and row["p50_vs_lone"] == pytest.approx(
+            row["p50"] / load["lone"]["p50"]
+        )
+        run = load["runs"][f"level{row['fraction'] * 100:g}"]
+        assert run["publish"]["behind_schedule_ms"]["count"] == 3
+    assert saved["targets"]["half_load_p50_vs_lone"]["value"] > 0
+
     quantize = saved["quantize"]
     assert quantize["int8"]["engine"].endswith("int8-dynamic")
     assert quantize["speedup_requests"] > 0
@@ -116,8 +134,10 @@ def test_tiny_bench_all_modes(kafka_bootstrap: str, tmp_path: Path) -> None:
 
     # The per-run topics are gone again.
     left = asyncio.run(_topics(kafka_bootstrap))
+    assert pipeline["topics_prefix"] != ceiling["topics_prefix"]
     for prefix in (pipeline["topics_prefix"], ceiling["topics_prefix"]):
         assert not [t for t in left if t.startswith(prefix)]
     out = console.export_text()
     assert "Targets" in out and "pipeline / direct" in out
     assert "anchor: output tokens/s against llama.cpp" in out
+    assert "publish -> result at partial load" in out and "at 50 % load" in out

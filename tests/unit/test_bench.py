@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -9,26 +10,34 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from connectors import bench
-from connectors.bench import (
-    BenchError,
-    BenchOptions,
+from connectors.bench import BENCHMARK_ENGINE, REPORT_SCHEMA, BenchError, BenchOptions
+from connectors.bench.anchor import anchor_engine_settings, configured_label
+from connectors.bench.pipeline import process_cpu_s, run_settings, run_topics, worker_env
+from connectors.bench.report import busy_warning, jsonable, print_report
+from connectors.bench.stats import (
+    ANCHOR_ENGINE,
+    REFERENCE_ENGINE,
     Sample,
+    anchor_figures,
+    anchor_targets,
+    batch_histogram,
     compare_outputs,
     cpu_usage,
     latency_summary,
+    load_figures,
+    load_targets,
+    percentile,
+    ratio,
+    summarize,
+    targets,
+)
+from connectors.bench.workload import (
+    level_count,
     make_prompts,
     paced,
-    percentile,
-    print_report,
-    ratio,
-    run_settings,
-    run_topics,
+    poisson_offsets,
     schedule_offsets,
-    summarize,
     sweep_plan,
-    targets,
-    worker_env,
 )
 from streams.settings import Settings
 
@@ -163,8 +172,8 @@ def test_summarize_counts_only_ok_requests() -> None:
 def test_batch_histogram() -> None:
     samples = [_sample(i, 1.0, 1.0) for i in range(3)]
     samples[0].batch_size = 16
-    assert bench.batch_histogram(samples) == {"2": 2, "16": 1}
-    assert bench.batch_histogram([]) == {}
+    assert batch_histogram(samples) == {"2": 2, "16": 1}
+    assert batch_histogram([]) == {}
 
 
 def test_summarize_empty_and_zero_wall() -> None:
@@ -209,10 +218,10 @@ def test_cpu_usage() -> None:
 def test_process_cpu_of_this_process() -> None:
     import os
 
-    used = bench.process_cpu_s(os.getpid())
+    used = process_cpu_s(os.getpid())
     if Path("/proc/self/stat").exists():
         assert used is not None and used >= 0
-    assert bench.process_cpu_s(2**31 - 1) is None
+    assert process_cpu_s(2**31 - 1) is None
 
 
 def _run(rps: float, tps: float, added_p99: float | None = None) -> dict:
@@ -252,7 +261,7 @@ def _pair(one: float, concurrent: float) -> dict:
 def test_anchor_figures_are_ratios_of_llama_cpp() -> None:
     runs = {"llama.cpp": _pair(80.0, 200.0), "torch fp32": _pair(20.0, 240.0)}
     agreement = {"llama.cpp": {"identical": 0.5}, "torch fp32": {"identical": 1.0}}
-    rows = {r["engine"]: r for r in bench.anchor_figures(runs, agreement)}
+    rows = {r["engine"]: r for r in anchor_figures(runs, agreement)}
     torch_row = rows["torch fp32"]
     assert torch_row["one_vs_anchor_one"] == pytest.approx(0.25)
     assert torch_row["concurrent_vs_anchor_one"] == pytest.approx(3.0)
@@ -261,40 +270,40 @@ def test_anchor_figures_are_ratios_of_llama_cpp() -> None:
     assert torch_row["concurrency"] == 16
     assert rows["llama.cpp"]["one_vs_anchor_one"] == pytest.approx(1.0)
     # Without llama.cpp there is nothing to divide by: figures stay, ratios are None.
-    (alone,) = bench.anchor_figures({"torch fp32": _pair(20.0, 240.0)}, {})
+    (alone,) = anchor_figures({"torch fp32": _pair(20.0, 240.0)}, {})
     assert alone["one_tokens_per_s"] == 20.0 and alone["one_vs_anchor_one"] is None
 
 
 def test_anchor_targets() -> None:
     runs = {"llama.cpp": _pair(80.0, 200.0), "torch fp32": _pair(100.0, 230.0)}
-    anchor = {"configured": "torch fp32", "engines": bench.anchor_figures(runs, {})}
-    t = bench.anchor_targets(anchor)
+    anchor = {"configured": "torch fp32", "engines": anchor_figures(runs, {})}
+    t = anchor_targets(anchor)
     assert t["anchor_batch1"]["value"] == pytest.approx(1.25) and t["anchor_batch1"]["met"]
     assert t["anchor_concurrent"]["value"] == pytest.approx(230.0 / 80.0)
     assert t["anchor_concurrent"]["met"] is False  # below 3x llama.cpp one at a time
-    assert bench.anchor_targets({}) == {}
-    no_llama = {"configured": "torch fp32", "engines": bench.anchor_figures({"x": _pair(1, 2)}, {})}
-    assert bench.anchor_targets(no_llama) == {}
+    assert anchor_targets({}) == {}
+    no_llama = {"configured": "torch fp32", "engines": anchor_figures({"x": _pair(1, 2)}, {})}
+    assert anchor_targets(no_llama) == {}
 
 
 def test_anchor_engines_and_labels(tmp_path: Path) -> None:
     import importlib.util
 
     base = Settings(home=tmp_path)
-    engines = bench.anchor_engine_settings(base)
-    assert bench.configured_label(base) == bench.REFERENCE_ENGINE
-    assert engines[bench.REFERENCE_ENGINE].backend == "torch"
-    assert engines[bench.REFERENCE_ENGINE].torch_quantize == "none"
+    engines = anchor_engine_settings(base)
+    assert configured_label(base) == REFERENCE_ENGINE
+    assert engines[REFERENCE_ENGINE].backend == "torch"
+    assert engines[REFERENCE_ENGINE].torch_quantize == "none"
     has_llama = importlib.util.find_spec("llama_cpp") is not None
-    assert (bench.ANCHOR_ENGINE in engines) == has_llama
+    assert (ANCHOR_ENGINE in engines) == has_llama
     assert len(engines) == 1 + has_llama  # the configured engine is the reference
     if has_llama:
-        assert engines[bench.ANCHOR_ENGINE].backend == "llama_cpp"
+        assert engines[ANCHOR_ENGINE].backend == "llama_cpp"
     int8 = base.model_copy(update={"torch_quantize": "int8"})
-    assert bench.configured_label(int8) == "torch auto auto int8"
-    assert bench.anchor_engine_settings(int8)["torch auto auto int8"] is int8
+    assert configured_label(int8) == "torch auto auto int8"
+    assert anchor_engine_settings(int8)["torch auto auto int8"] is int8
     llama = base.model_copy(update={"backend": "llama_cpp"})
-    assert bench.configured_label(llama) == bench.ANCHOR_ENGINE
+    assert configured_label(llama) == ANCHOR_ENGINE
 
 
 # -- options and settings --------------------------------------------------------------------
@@ -379,8 +388,8 @@ def _fake_report(tmp_path: Path) -> dict:
         }
     ]
     pipeline = summarize([_sample(0, 104.0, 90.0)], 1.05, label="pipeline", engine="torch")
-    saturation = summarize([_sample(0, 3.0, 0.0)], 0.001, label="c", engine=bench.BENCHMARK_ENGINE)
-    half = summarize([_sample(0, 2.0, 0.0)], 0.002, label="c", engine=bench.BENCHMARK_ENGINE)
+    saturation = summarize([_sample(0, 3.0, 0.0)], 0.001, label="c", engine=BENCHMARK_ENGINE)
+    half = summarize([_sample(0, 2.0, 0.0)], 0.002, label="c", engine=BENCHMARK_ENGINE)
     half["target_rate"] = 500.0
     modes = {
         "direct": direct,
@@ -388,8 +397,8 @@ def _fake_report(tmp_path: Path) -> dict:
         "ceiling": {"saturation": saturation, "half_rate": half},
     }
     return {
-        "schema": bench.REPORT_SCHEMA,
-        "options": bench._jsonable(vars(BenchOptions(out_dir=tmp_path))),
+        "schema": REPORT_SCHEMA,
+        "options": jsonable(vars(BenchOptions(out_dir=tmp_path))),
         "modes": modes,
         "targets": targets(modes),
         "files": {"json": str(tmp_path / "b.json"), "plots": {}},
@@ -400,7 +409,7 @@ def test_report_is_json_and_prints(tmp_path: Path) -> None:
     from rich.console import Console
 
     report = _fake_report(tmp_path)
-    text = json.dumps(bench._jsonable(report))
+    text = json.dumps(jsonable(report))
     back = json.loads(text)
     assert back["options"]["out_dir"] == str(tmp_path)
     assert set(back["targets"]) == {
@@ -417,12 +426,12 @@ def test_report_is_json_and_prints(tmp_path: Path) -> None:
 
 
 def test_jsonable_cleans_values() -> None:
-    got = bench._jsonable({"p": Path("/x"), "f": math.inf, "t": (1, 2), "s": SecretStr("k")})
+    got = jsonable({"p": Path("/x"), "f": math.inf, "t": (1, 2), "s": SecretStr("k")})
     assert got == {"p": "/x", "f": None, "t": [1, 2], "s": "**********"}
 
 
 def test_plots(tmp_path: Path) -> None:
-    plots = pytest.importorskip("connectors.bench_plots")
+    plots = pytest.importorskip("connectors.bench.plots")
     sweep = [
         {"batch_size": b, "requests_per_s": b * 0.5, "output_tokens_per_s": b * 7.0}
         for b in (1, 4, 8)
@@ -434,7 +443,119 @@ def test_plots(tmp_path: Path) -> None:
 
 
 def test_busy_warning() -> None:
-    assert bench._busy_warning([1.5, 1.0, 1.0], 2) is None
-    assert bench._busy_warning(None, 2) is None
-    note = bench._busy_warning([5.0, 1.0, 1.0], 2)
+    assert busy_warning([1.5, 1.0, 1.0], 2) is None
+    assert busy_warning(None, 2) is None
+    note = busy_warning([5.0, 1.0, 1.0], 2)
     assert note is not None and "lower bounds" in note
+
+
+# -- partial load ------------------------------------------------------------------------
+def test_poisson_offsets_are_seeded_increasing_and_have_the_rate() -> None:
+    a = poisson_offsets(2000, 50.0, seed=3)
+    assert a == poisson_offsets(2000, 50.0, seed=3)
+    assert a != poisson_offsets(2000, 50.0, seed=4)
+    assert a[0] == 0.0 and all(x < y for x, y in itertools.pairwise(a))
+    gaps = [y - x for x, y in itertools.pairwise(a)]
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50.0, rel=0.1)
+    # exponential gaps: the coefficient of variation is about 1 (a fixed rate gives 0)
+    mean = sum(gaps) / len(gaps)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / len(gaps))
+    assert sd / mean == pytest.approx(1.0, abs=0.15)
+    assert poisson_offsets(0, 1.0) == [] and poisson_offsets(1, 1.0) == [0.0]
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            poisson_offsets(3, bad)
+
+
+def test_level_count_bounds_the_arrival_span() -> None:
+    assert level_count(24, 10.0, 60.0) == 24  # 2.4 s of arrivals
+    assert level_count(24, 0.2, 60.0) == 12  # 24 would take 120 s
+    assert level_count(24, 0.01, 60.0) == 4  # at least a few requests
+    assert level_count(3, 0.01, 60.0) == 3  # ...but never more than asked
+    assert level_count(24, 0.0, 60.0) == 24
+
+
+async def test_paced_follows_given_offsets() -> None:
+    clock = FakeClock()
+    sent: list[float] = []
+    async for _ in paced(3, None, offsets=[0.0, 0.25, 0.3], clock=clock, sleep=clock.sleep):
+        sent.append(clock.now - 100.0)
+    assert sent == pytest.approx([0.0, 0.25, 0.3])
+    with pytest.raises(ValueError):
+        async for _ in paced(2, None, offsets=[0.0]):
+            pass
+
+
+def test_load_level_options() -> None:
+    assert BenchOptions().load_level_list() == [0.25, 0.5, 0.9]
+    assert BenchOptions(load_levels="0.9, 0.5,0.5").load_level_list() == [0.5, 0.9]
+    for off in ("", "none", " off "):
+        assert BenchOptions(load_levels=off).load_level_list() == []
+    for bad in (
+        BenchOptions(load_levels="0.5,x"),
+        BenchOptions(load_levels="0"),
+        BenchOptions(load_levels="1.5"),
+        BenchOptions(load_requests=0),
+        BenchOptions(lone_requests=0),
+        BenchOptions(load_level_max_s=0.0),
+    ):
+        with pytest.raises(BenchError):
+            bad.validate(Settings())
+
+
+def _e2e_run(e2e_ms: list[float], wall_s: float, rate: float | None = None) -> dict:
+    samples = [
+        Sample(i, "OK", 5, 4, 2, {"inference": 1.0, "total": 2.0, "e2e": v})
+        for i, v in enumerate(e2e_ms)
+    ]
+    summary = summarize(samples, wall_s, label="x", engine="torch")
+    summary["target_rate"] = rate
+    return summary
+
+
+def _load() -> dict:
+    lone = _e2e_run([100.0, 200.0, 300.0], 1.0)
+    levels = [
+        (0.25, _e2e_run([150.0, 250.0, 350.0], 3.0, 0.5)),
+        (0.5, _e2e_run([300.0, 400.0, 500.0], 2.0, 1.0)),
+    ]
+    return load_figures(2.0, lone, levels)
+
+
+def test_load_figures_and_target() -> None:
+    load = _load()
+    assert load["saturation_requests_per_s"] == 2.0
+    assert load["lone"]["p50"] == 200.0 and load["lone"]["requests"] == 3
+    quarter, half = load["levels"]
+    assert (quarter["fraction"], quarter["target_rate"]) == (0.25, 0.5)
+    assert quarter["p50"] == 250.0 and quarter["p50_vs_lone"] == pytest.approx(1.25)
+    assert half["p50_vs_lone"] == pytest.approx(2.0)
+    assert half["p99_vs_lone"] == pytest.approx(half["p99"] / 200.0)
+    assert half["achieved_requests_per_s"] == pytest.approx(1.5)
+    t = load_targets(load)["half_load_p50_vs_lone"]
+    assert t["value"] == pytest.approx(2.0) and t["rate"] == 1.0
+    assert t["target"] == 1.5 and t["met"] is False
+    load["levels"][1]["p50_vs_lone"] = 1.4
+    assert load_targets(load)["half_load_p50_vs_lone"]["met"] is True
+    assert load_targets({"levels": load["levels"][:1]}) == {}  # no 50 % level, no target
+    assert load_targets({}) == {}
+
+
+def test_report_prints_the_load_table(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    report = _fake_report(tmp_path)
+    report["load"] = _load()
+    report["targets"] |= load_targets(report["load"])
+    json.dumps(jsonable(report))
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    out = console.export_text()
+    assert "publish -> result at partial load (saturation 2.00 req/s" in out
+    lone = next(line for line in out.splitlines() if line.strip("│ ").startswith("lone"))
+    assert "3/3" in lone and "200" in lone and "1.00" in lone
+    half = next(line for line in out.splitlines() if line.strip("│ ").startswith("50 %"))
+    assert "1.00" in half and "2.00" in half  # target rate, p50 x lone
+    assert "p50 publish -> result at 50 % load (1.00 req/s) / lone" in out
+    row = next(line for line in out.splitlines() if "at 50 % load" in line)
+    assert "2.00" in row and "<= 1.5" in row and "missed" in row
