@@ -261,15 +261,15 @@ def top(
 ) -> None:
     """Live view: workers, partitions and lag, latest llm.metrics windows, the rollout."""
     from connectors.top import run_top
-    from schemas.codec import codec_from_registry_url
     from streams.bootstrap import resolve_bootstrap
+    from streams.codecs import codec_from_settings
 
     settings = _settings()
     _configure_logging("WARNING")
     run_top(
         settings,
         resolve_bootstrap(settings),
-        codec_from_registry_url(settings.schema_registry_url),
+        codec_from_settings(settings),
         console,
         once=once,
         interval_s=interval,

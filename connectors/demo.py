@@ -234,12 +234,12 @@ async def _demo_windows(
     ``timeout_s`` passes)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from schemas.codec import codec_from_registry_url
     from schemas.registry import adecode
     from streams.canary import window_start_ms
+    from streams.codecs import codec_from_settings
     from streams.kafka_clients import stop_consumer, topic_partitions
 
-    codec = codec_from_registry_url(settings.schema_registry_url)
+    codec = codec_from_settings(settings)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
