@@ -90,7 +90,7 @@ class Tally:
                 found.append((s, f"must be dead-lettered, got {first}"))
             elif p.expect is Expect.ANSWER and first.startswith("dlq:"):
                 found.append((s, f"must be answered, got {first}"))
-            elif p.expect is Expect.ANSWER and first == "result:ERROR":
+            elif first == "result:ERROR":  # admitted, then the engine failed on it
                 found.append((s, "answered ERROR: a batch-mate broke it, or the engine failed"))
             elif p.reason is not None and first != f"dlq:{p.reason}":
                 found.append((s, f"reason {p.reason} expected, got {first}"))

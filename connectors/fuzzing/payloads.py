@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import random
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -127,8 +126,17 @@ def _metadata(entries: int, chars: int) -> Change:
 
 
 def _expired(record: dict[str, Any], rng: random.Random) -> None:
-    record["created_at"] = int(time.time() * 1000) - 600_000
+    record["created_at"] = 1_000  # 1970: its 1 s deadline passed long ago
     record["deadline_ms"] = 1_000
+
+
+def _raw_chat(record: dict[str, Any], rng: random.Random) -> None:
+    record["raw"] = True
+    record["prompt"] = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+#: 2100-01-01, epoch ms: a producer dating its request in the future
+_FUTURE_MS = 4_102_444_800_000
 
 
 HOSTILE: tuple[tuple[str, Change, str | None], ...] = (
@@ -138,6 +146,13 @@ HOSTILE: tuple[tuple[str, Change, str | None], ...] = (
     ("temperature=-1", _sampling("temperature", -1.0), "bad_sampling"),
     ("temperature=6", _sampling("temperature", 6.0), "bad_sampling"),
     ("temperature=1e-40 (greedy)", _sampling("temperature", 1e-40), None),
+    ("temperature=0.001 (the smallest sampled)", _sampling("temperature", 0.001), None),
+    ("temperature=5 (the largest)", _sampling("temperature", 5.0), None),
+    ("top_p=1e-30", _sampling("top_p", 1e-30), None),
+    ("16 stop strings of 64 chars (the limits)", _stops(16, 64), None),
+    ("64 metadata entries (the limit)", _metadata(64, 60), None),
+    ("raw prompt with chat tokens", _raw_chat, None),
+    ("NUL, bidi and zero-width characters", _field("prompt", "a\x00b \u202eevil\u200b 🙂"), None),
     ("top_p=nan", _sampling("top_p", float("nan")), "bad_sampling"),
     ("top_p=0", _sampling("top_p", 0.0), "bad_sampling"),
     ("top_p=7.5", _sampling("top_p", 7.5), "bad_sampling"),
@@ -158,7 +173,7 @@ HOSTILE: tuple[tuple[str, Change, str | None], ...] = (
     ("deadline_ms=0", _field("deadline_ms", 0), "bad_deadline"),
     ("deadline_ms=2**62", _field("deadline_ms", 2**62), None),
     ("deadline passed (EXPIRED)", _expired, None),
-    ("created_at in 10 years", _field("created_at", int(time.time() * 1000) + 10 * 3.2e10), None),
+    ("created_at in 2100", _field("created_at", _FUTURE_MS), None),
     ("system of 16001-400000 chars", _sized("system", "s", 16_001, 400_000), "system_too_long"),
     ("prompt of 16001-400000 chars", _sized("prompt", "p", 16_001, 400_000), "prompt_too_long"),
     ("prompt of 2000 words", _field("prompt", "word " * 2000), "prompt_too_long"),
@@ -179,8 +194,6 @@ def _hostile(rng: random.Random, codec: AvroCodec, request_id: str, model: str) 
     case, change, reason = rng.choice(HOSTILE)
     record = valid_request(rng, request_id, model)
     change(record, rng)
-    if isinstance(record.get("created_at"), float):
-        record["created_at"] = int(record["created_at"])
     value = codec.encode("InferenceRequest", record)
     rid = record["request_id"]
     if reason is None:
@@ -214,6 +227,15 @@ def bad_payload(
         if rng.random() < 0.3:  # past the magic byte, so the schema id is read
             value = b"\x00" + value
         return _judged(codec, family, "random bytes", key, value)
+    if family == "wrong_id" and rng.random() < 0.2:  # one of our schemas, not a request
+        if rng.random() < 0.5:
+            value = codec.encode("FeedbackEvent", {"request_id": request_id, "score": 1})
+        else:
+            command = {"command_id": request_id, "command": "PROMOTE", "model": model}
+            value = codec.encode("ControlCommand", command)
+        return Payload(
+            family, "another record's schema", key, value, Expect.DLQ, None, "wrong_schema"
+        )
     if family == "wrong_id":
         body = _framed(codec, rng, request_id, model)[5:]
         value = b"\x00" + struct.pack(">I", rng.randint(0, 2**32 - 1)) + bytes(body)
