@@ -33,6 +33,8 @@ from streams.settings import Settings
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+#: Payload i is sent by the producer of COMPRESSIONS[i % 5].
+COMPRESSIONS = (None, "gzip", "snappy", "lz4", "zstd")
 
 
 class FuzzError(SluiceError):
@@ -214,23 +216,32 @@ async def _exchange(
 
     from streams.kafka_clients import stop_consumer
 
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,  # a retried send must not become a second payload
-        linger_ms=5,
-        max_request_size=2**20,
-        **settings.kafka_client_options(),
-    )
-    await producer.start()
+    # Every Kafka compression codec, round-robin: a producer's choice must never stop a
+    # worker (one that cannot decompress a batch crashes its fetcher on every restart).
+    producers = [
+        AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,  # a retried send must not become a second payload
+            linger_ms=5,
+            max_request_size=2**20,
+            compression_type=compression,
+            **settings.kafka_client_options(),
+        )
+        for compression in COMPRESSIONS
+    ]
+    for producer in producers:
+        await producer.start()
     started = time.monotonic()
     try:
         futures = [
-            await producer.send(settings.requests_topic, p.value, key=p.key) for p in payloads
+            await producers[i % len(producers)].send(settings.requests_topic, p.value, key=p.key)
+            for i, p in enumerate(payloads)
         ]
         metadata = await asyncio.gather(*futures)
     finally:
-        await producer.stop()
+        for producer in producers:
+            await producer.stop()
     sent = [Sent(p, m.partition, m.offset) for p, m in zip(payloads, metadata, strict=True)]
     report = FuzzReport(Tally(sent), settings, send_s=time.monotonic() - started)
     progress(f"sent {len(sent)} payloads in {report.send_s:.1f}s; reading answers")
@@ -344,7 +355,7 @@ def format_report(report: FuzzReport) -> list[str]:
     s = report.tally.summary()
     rss = report.rss_mb
     lines = [
-        f"sent {s['sent']} in {report.send_s:.1f}s: "
+        f"sent {s['sent']} in {report.send_s:.1f}s (none/gzip/snappy/lz4/zstd in turn): "
         + ", ".join(f"{k} {v}" for k, v in s["sent_by_family"].items()),
         f"must be dead-lettered {s['must_dlq']}: in the DLQ {s['must_dlq_in_dlq']}; "
         f"mutated but still decodable {s['may_decode']}",
