@@ -57,6 +57,7 @@ class Payload:
     expect: Expect
     request_id: str | None  # the id it decodes to (None: it does not decode)
     reason: str | None = None  # the dead letter's reason code, when known in advance
+    timestamp_ms: int | None = None  # the record's CreateTime (None: the producer's clock)
 
 
 def valid_request(rng: random.Random, request_id: str, model: str) -> dict[str, Any]:
@@ -254,11 +255,12 @@ def bad_payload(
 
 
 def _bad_key(rng: random.Random, codec: AvroCodec, request_id: str, model: str) -> Payload:
-    """Null and binary keys, null and empty values. The key carries no meaning (the request
-    id is in the value): a valid value under any key is answered."""
+    """The record around the value: null and binary keys, null and empty values, a 1970
+    timestamp. The key carries no meaning (the request id is in the value): a valid value
+    under any key is answered."""
     valid = codec.encode("InferenceRequest", valid_request(rng, request_id, model))
     garbage = rng.randbytes(rng.choice([1, 64, 10_000]))
-    case = rng.randrange(6)
+    case = rng.randrange(8)
     if case == 0:
         # (aiokafka refuses a record with neither key nor value)
         return Payload("keys", "empty key, null value", b"", None, Expect.DLQ, None, "undecodable")
@@ -272,6 +274,13 @@ def _bad_key(rng: random.Random, codec: AvroCodec, request_id: str, model: str) 
         return _judged(codec, "keys", "binary key, random value", garbage, rng.randbytes(40))
     if case == 4:
         return Payload("keys", "null key, valid value", None, valid, Expect.ANSWER, request_id)
+    if case in (5, 6):  # a record dated 1970 (CreateTime 1): with a deadline, it expired
+        record = valid_request(rng, request_id, model)
+        if case == 6:
+            record["deadline_ms"] = 60_000
+        value = codec.encode("InferenceRequest", record)
+        what = "record dated 1970" + (", 60 s deadline" if case == 6 else "")
+        return Payload("keys", what, None, value, Expect.ANSWER, request_id, timestamp_ms=1)
     return Payload("keys", "binary key, valid value", garbage, valid, Expect.ANSWER, request_id)
 
 

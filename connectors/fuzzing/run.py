@@ -53,7 +53,7 @@ class FuzzOptions:
     timeout_s: float = 600.0  # for the answers, after the last payload was sent
     worker_ready_s: float = 300.0
     keep_topics: bool = False
-    role: str = "inference"  # "all" also runs the feedback join (reads requests too)
+    role: str = "all"  # the worker's default: inference and the feedback join (reads requests too)
 
 
 @dataclass
@@ -235,7 +235,9 @@ async def _exchange(
     started = time.monotonic()
     try:
         futures = [
-            await producers[i % len(producers)].send(settings.requests_topic, p.value, key=p.key)
+            await producers[i % len(producers)].send(
+                settings.requests_topic, p.value, key=p.key, timestamp_ms=p.timestamp_ms
+            )
             for i, p in enumerate(payloads)
         ]
         metadata = await asyncio.gather(*futures)
