@@ -40,9 +40,11 @@ class Tally:
         self.outputs = [[] for _ in self.sent]
         for i, s in enumerate(self.sent):
             self.by_offset[(s.partition, s.offset)] = i
-            rid = s.payload.request_id
-            if rid is not None and s.payload.expect is not Expect.DLQ:
-                self.by_id[rid] = i
+            if s.payload.request_id is not None and s.payload.expect is not Expect.DLQ:
+                self.by_id[s.payload.request_id] = i  # unique (see payloads.generate)
+        for i, s in enumerate(self.sent):  # a result for one of these is a wrong answer
+            if s.payload.request_id is not None and s.payload.expect is Expect.DLQ:
+                self.by_id.setdefault(s.payload.request_id, i)
 
     # -- feeding --------------------------------------------------------------------------
     def add_result(self, result: dict[str, Any]) -> None:

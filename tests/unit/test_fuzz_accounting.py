@@ -148,6 +148,16 @@ def test_missing_duplicate_wrong_and_unexpected_answers_are_problems() -> None:
     assert len(tally.problems()) == 4
 
 
+def test_a_result_for_a_payload_that_must_be_dead_lettered_is_a_wrong_answer() -> None:
+    tally = account(
+        _sent(_p("hostile", Expect.DLQ, "h", "bad_sampling")),
+        results=[{"request_id": "h", "status": "OK"}],
+        letters=[],
+    )
+    assert tally.summary()["missing"] == 0 and tally.summary()["unexpected"] == 0
+    assert [why for _, why in tally.wrong()] == ["must be dead-lettered, got result:OK"]
+
+
 def test_a_dead_letter_without_a_reason_is_a_problem() -> None:
     tally = account(
         _sent(_p("random", Expect.DLQ, None)),
