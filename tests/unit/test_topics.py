@@ -97,3 +97,21 @@ def test_environment_sets_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_a_retention_too_short_to_mean_anything_is_refused(tmp_path: Path, value: int) -> None:
     with pytest.raises(pydantic.ValidationError, match="retention"):
         Settings(home=tmp_path, dlq_retention_ms=value)
+
+
+def test_the_data_protection_table_says_what_the_code_sets(tmp_path: Path) -> None:
+    """docs/data-protection.md gives each topic's default retention; it must match."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "data-protection.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line
+        for line in doc.splitlines()
+        if line.startswith("| `llm.")
+    }
+    for name, configs in _configs(Settings(home=tmp_path)).items():
+        ms = int(configs.get("retention.ms", "-1"))
+        if configs["cleanup.policy"] == "compact":
+            assert "compacted" in rows[name], name
+        elif ms == -1:
+            assert "forever" in rows[name], name
+        else:
+            assert f"deleted after {ms // DAY_MS} days" in rows[name], name
