@@ -751,6 +751,44 @@ def redaction_eval(
     run(set_file, region=region, show_errors=errors)
 
 
+# -- fuzz ---------------------------------------------------------------------------------
+@app.command()
+def fuzz(
+    bad: int = typer.Option(10_000, "--bad", help="Bad payloads (all families mixed)."),
+    valid: int = typer.Option(500, "--valid", help="Valid requests mixed in."),
+    seed: int = typer.Option(0, "--seed"),
+    backend: str = typer.Option(
+        "benchmark", "--backend", help="The worker's engine: benchmark (volume) or torch."
+    ),
+    families: str = typer.Option(
+        "random,bitflip,truncated,wrong_id,hostile,keys",
+        "--families",
+        help="Bad payload families (comma-separated).",
+    ),
+    timeout_s: float = typer.Option(600.0, "--timeout", help="Seconds to wait for answers."),
+    keep_topics: bool = typer.Option(False, "--keep-topics", help="Leave the run's topics."),
+) -> None:
+    """Fuzz the real pipeline: bad payloads + valid requests to a worker of its own; every
+    payload must end in the DLQ with a reason or be answered, the worker must survive."""
+    from connectors.fuzzing.run import FuzzOptions, format_report, run_fuzz
+
+    _configure_logging("WARNING")
+    options = FuzzOptions(
+        bad=bad,
+        valid=valid,
+        seed=seed,
+        backend=backend,
+        families=tuple(f.strip() for f in families.split(",") if f.strip()),
+        timeout_s=timeout_s,
+        keep_topics=keep_topics,
+    )
+    report = run_fuzz(_settings(), options, progress=typer.echo)
+    for line in format_report(report):
+        typer.echo(line)
+    if report.problems():
+        sys.exit(1)
+
+
 # -- demo ---------------------------------------------------------------------------------
 @app.command()
 def demo(

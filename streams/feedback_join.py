@@ -21,6 +21,7 @@ from streams.metrics import WorkerMetrics
 from streams.records import SourceRecord, dead_letter, source_record
 from streams.redaction import Pseudonymizer, Redactor
 from streams.settings import Settings
+from streams.topics import changelog_configs
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def add_feedback_join(
         table_name(settings),
         default=None,
         partitions=settings.partitions,  # co-partitioned with the three topics
+        extra_topic_configs=changelog_configs(settings),  # tombstones clear (topics.py)
         # no key/value types: plain JSON on the changelog (str keys, dict values)
     )
 

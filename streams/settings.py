@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -88,6 +88,40 @@ class Settings(BaseSettings):
     control_topic: str = "llm.control"
     partitions: int = Field(4, ge=1, description="Partitions of llm.requests (and results).")
     replication_factor: int = Field(1, ge=1)
+
+    # --- retention of the topics Sluice creates (streams/topics.py, docs/data-protection.md)
+    requests_retention_ms: int = Field(
+        7 * 86_400_000, description="llm.requests (raw prompts); -1: forever."
+    )
+    results_retention_ms: int = Field(
+        7 * 86_400_000, description="llm.results (raw answers; the answered index reads it)."
+    )
+    dlq_retention_ms: int = Field(
+        14 * 86_400_000, description="Both dead-letter topics (raw originals up to 256 KiB)."
+    )
+    feedback_retention_ms: int = Field(
+        30 * 86_400_000, description="llm.feedback (raw corrections and user ids)."
+    )
+    metrics_retention_ms: int = Field(3 * 86_400_000, description="llm.metrics aggregates.")
+    tombstone_retention_ms: int = Field(
+        86_400_000, ge=0, description="delete.retention.ms of compacted topics (tombstones)."
+    )
+    compaction_max_lag_ms: int = Field(
+        86_400_000, ge=1, description="max.compaction.lag.ms: overwritten values go by then."
+    )
+
+    @field_validator(
+        "requests_retention_ms",
+        "results_retention_ms",
+        "dlq_retention_ms",
+        "feedback_retention_ms",
+        "metrics_retention_ms",
+    )
+    @classmethod
+    def _retention(cls, value: int) -> int:
+        if value != -1 and value < 60_000:
+            raise ValueError("a retention is -1 (forever) or at least 60000 ms")
+        return value
 
     # --- model -------------------------------------------------------------------------
     backend: Literal["torch", "tensorrt_llm", "llama_cpp", "benchmark"] = Field(

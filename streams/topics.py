@@ -1,4 +1,11 @@
-"""The topics Sluice uses, their partitions and configs, and creating them."""
+"""The topics Sluice uses, their partitions and configs, and creating them.
+
+Retention is a data-protection decision per topic (``docs/data-protection.md``): raw
+prompts, answers and user ids are kept only as long as the pipeline needs them. The
+settings an operator tunes are ``Settings.*_retention_ms``; what is not tunable is fixed
+here with the reason. Configs apply when a topic is created; existing topics keep theirs
+(change them with ``kafka-configs.sh --alter``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,9 @@ from streams.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+HOUR_MS = 3600 * 1000
+DAY_MS = 24 * HOUR_MS
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -17,19 +27,54 @@ class TopicSpec:
     configs: dict[str, str] = field(default_factory=dict)
 
 
+def _deleted_after(ms: int) -> dict[str, str]:
+    """A log whose records are deleted ``ms`` after they were written (-1: never).
+
+    Kafka deletes whole segments, so a record lives up to ``retention.ms`` + ``segment.ms``;
+    with the broker's default segment (7 days) a 3-day retention would keep data 10 days.
+    Segments roll daily (or at the retention, when shorter) to keep the bound tight."""
+    if ms == -1:
+        return {"cleanup.policy": "delete", "retention.ms": "-1"}
+    return {"cleanup.policy": "delete", "retention.ms": str(ms), "segment.ms": str(min(ms, DAY_MS))}
+
+
+def compacted_configs(settings: Settings) -> dict[str, str]:
+    """A compacted log whose overwritten values and tombstones really go: a key's old value
+    becomes eligible for compaction at most ``compaction_max_lag_ms`` after it was written
+    (the active segment is rolled for it), and a tombstone is kept ``tombstone_retention_ms``
+    so readers see the deletion, then removed with the key."""
+    return {
+        "cleanup.policy": "compact",
+        "delete.retention.ms": str(settings.tombstone_retention_ms),
+        "max.compaction.lag.ms": str(settings.compaction_max_lag_ms),
+    }
+
+
+def changelog_configs(settings: Settings) -> dict[str, str]:
+    """Extra configs of the feedback join table's changelog (Faust creates it compacted;
+    its name depends on the worker role, see ``streams.feedback_join.changelog_topic``).
+    It holds raw prompts and answers for one feedback window, then a tombstone per key."""
+    configs = compacted_configs(settings)
+    del configs["cleanup.policy"]  # Faust sets it (compacting=True)
+    return configs
+
+
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Every topic Sluice uses. Requests and results share the partition count."""
+    """Every topic Sluice creates. Requests, results, feedback and training examples share
+    the partition count (co-partitioned by request_id)."""
     n = settings.partitions
-    week = str(7 * 24 * 3600 * 1000)
+    dlq = _deleted_after(settings.dlq_retention_ms)
     return [
-        TopicSpec(settings.requests_topic, n, {"retention.ms": week}),
-        TopicSpec(settings.results_topic, n, {"retention.ms": week}),
-        TopicSpec(settings.dlq_topic, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
-        TopicSpec(settings.feedback_topic, n, {"retention.ms": "-1"}),
-        TopicSpec(settings.feedback_dlq_topic, 1, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
-        TopicSpec(settings.training_topic, n, {"cleanup.policy": "compact"}),
-        TopicSpec(settings.metrics_topic, 1, {"retention.ms": week}),
-        TopicSpec(settings.control_topic, 1, {"retention.ms": "-1"}),
+        TopicSpec(settings.requests_topic, n, _deleted_after(settings.requests_retention_ms)),
+        TopicSpec(settings.results_topic, n, _deleted_after(settings.results_retention_ms)),
+        TopicSpec(settings.dlq_topic, 1, dict(dlq)),
+        TopicSpec(settings.feedback_topic, n, _deleted_after(settings.feedback_retention_ms)),
+        TopicSpec(settings.feedback_dlq_topic, 1, dict(dlq)),
+        # redacted, pseudonymous; one record per request_id; a tombstone erases one
+        TopicSpec(settings.training_topic, n, compacted_configs(settings)),
+        TopicSpec(settings.metrics_topic, 1, _deleted_after(settings.metrics_retention_ms)),
+        # the rollout state is the fold of the whole topic: it must never expire
+        TopicSpec(settings.control_topic, 1, _deleted_after(-1)),
     ]
 
 

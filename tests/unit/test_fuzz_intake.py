@@ -22,8 +22,8 @@ def test_decoder_and_admission_survive_coverage_guided_fuzzing(tmp_path: Path) -
     corpus.mkdir()
     import random
 
+    from connectors.fuzzing.payloads import valid_request
     from schemas.codec import AvroCodec
-    from tests.fuzz.payloads import valid_request
 
     codec = AvroCodec.default()
     for i in range(8):  # seeds: valid records, so mutations reach admission
