@@ -593,14 +593,7 @@ def _auto_canary(candidate: str, since_ms: int) -> None:
     from streams.kafka_clients import stop_consumer, topic_partitions
 
     settings = _settings()
-    policy = CanaryPolicy(
-        alpha=settings.canary_alpha,
-        error_margin=settings.canary_error_margin,
-        latency_margin=settings.canary_latency_margin,
-        feedback_margin=settings.canary_feedback_margin,
-        min_requests=settings.canary_min_requests,
-        max_requests=settings.canary_max_requests,
-    )
+    policy = CanaryPolicy.from_settings(settings)
     codec = codec_from_settings(settings)
 
     async def watch():  # type: ignore[no-untyped-def]

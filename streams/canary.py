@@ -63,6 +63,22 @@ class CanaryPolicy:
     drift_alpha: float = 0.01
     mixture_variance: float = 1e-3
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> CanaryPolicy:
+        """The policy the ``SLUICE_CANARY_*`` settings describe."""
+        return cls(
+            alpha=settings.canary_alpha,
+            error_margin=settings.canary_error_margin,
+            latency_margin=settings.canary_latency_margin,
+            latency_share_margin=settings.canary_latency_share_margin,
+            feedback_margin=settings.canary_feedback_margin,
+            min_requests=settings.canary_min_requests,
+            min_rollback_requests=settings.canary_min_rollback_requests,
+            min_feedback=settings.canary_min_feedback,
+            max_requests=settings.canary_max_requests,
+            drift_alpha=settings.canary_drift_alpha,
+        )
+
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1 or not 0 < self.drift_alpha < 1:
             raise ValueError("alpha and drift_alpha must be in (0, 1)")

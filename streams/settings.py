@@ -331,6 +331,14 @@ class Settings(BaseSettings):
     canary_latency_margin: float = Field(0.25, ge=0, description="p99 margin (relative).")
     canary_feedback_margin: float = Field(0.2, ge=0, description="Mean feedback score margin.")
     canary_min_requests: int = Field(200, ge=1, description="Candidate results before PROMOTE.")
+    canary_latency_share_margin: float = Field(
+        0.02, ge=0, description="Extra share of candidate requests slower than the base's p99."
+    )
+    canary_min_rollback_requests: int = Field(
+        20, ge=1, description="Candidate results before a ROLLBACK may be decided."
+    )
+    canary_min_feedback: int = Field(30, ge=0, description="Feedback events before it counts.")
+    canary_drift_alpha: float = Field(0.01, gt=0, lt=1, description="Drift p-value that holds.")
     canary_max_requests: int = Field(
         20_000, ge=1, description="Candidate results without a proof: ROLLBACK (inconclusive)."
     )

@@ -235,3 +235,34 @@ def test_the_base_is_the_other_version_with_most_traffic() -> None:
     assert window_start_ms({"window_start": 1_000}) == 1_000
     when = datetime(2027, 1, 1, tzinfo=UTC)
     assert window_start_ms({"window_start": when}) == int(when.timestamp() * 1000)
+
+
+def test_policy_from_settings_takes_every_canary_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.settings import Settings
+
+    for name, value in {
+        "ALPHA": "0.1",
+        "ERROR_MARGIN": "0.05",
+        "LATENCY_MARGIN": "0.5",
+        "LATENCY_SHARE_MARGIN": "0.04",
+        "FEEDBACK_MARGIN": "0.3",
+        "MIN_REQUESTS": "300",
+        "MIN_ROLLBACK_REQUESTS": "7",
+        "MIN_FEEDBACK": "5",
+        "MAX_REQUESTS": "900",
+        "DRIFT_ALPHA": "0.002",
+    }.items():
+        monkeypatch.setenv(f"SLUICE_CANARY_{name}", value)
+    policy = CanaryPolicy.from_settings(Settings())
+    assert policy == CanaryPolicy(
+        alpha=0.1,
+        error_margin=0.05,
+        latency_margin=0.5,
+        latency_share_margin=0.04,
+        feedback_margin=0.3,
+        min_requests=300,
+        min_rollback_requests=7,
+        min_feedback=5,
+        max_requests=900,
+        drift_alpha=0.002,
+    )
