@@ -7,6 +7,7 @@ local KRaft broker (``deploy.local_kafka``) in a temporary home.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,22 @@ from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".sluice"
+
+
+@pytest.fixture(autouse=True)
+def _no_repeat_filter_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A CLI command run in-process (``CliRunner``) puts a ``RepeatFilter`` on every root
+    handler, pytest's own capture handlers included, which pytest reuses for every test:
+    later tests would then miss a warning logged twice within 10 s. Take them off again."""
+    yield
+    from streams.log_limits import RepeatFilter
+
+    plugin = request.config.pluginmanager.get_plugin("logging-plugin")
+    handlers = list(logging.getLogger().handlers)
+    handlers += [getattr(plugin, n, None) for n in ("caplog_handler", "report_handler")]
+    for handler in filter(None, handlers):
+        for f in [f for f in handler.filters if isinstance(f, RepeatFilter)]:
+            handler.removeFilter(f)
 
 
 def _docker_kafka() -> Iterator[str]:  # pragma: no cover - needs a Docker daemon

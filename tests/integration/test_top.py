@@ -67,8 +67,20 @@ async def test_top_once_shows_partitions_windows_and_rollout(
         metrics.stop()
 
     assert {g.role for g in snapshot.groups} >= {"inference", "metrics"}
-    requests = [p for p in snapshot.partitions if p.topic == settings.requests_topic]
-    assert sorted(p.partition for p in requests) == list(range(settings.partitions))
+    # both roles read llm.requests (the metrics job for prompts and tenants): each group's
+    # partitions are listed once, with its own committed offset and owner
+    for group_id in (settings.app_id, f"{settings.app_id}-metrics"):
+        mine = [
+            p
+            for p in snapshot.partitions
+            if p.topic == settings.requests_topic and p.group_id == group_id
+        ]
+        assert sorted(p.partition for p in mine) == list(range(settings.partitions)), group_id
+    requests = [
+        p
+        for p in snapshot.partitions
+        if p.topic == settings.requests_topic and p.group_id == settings.app_id
+    ]
     assert sum(p.end_offset for p in requests) == len(ids)
     for p in requests:
         assert f"{settings.requests_topic}" in text and p.owner is not None
