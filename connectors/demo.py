@@ -80,17 +80,14 @@ async def _worker_running(settings: Settings, bootstrap: str, group: str | None 
     """Whether the consumer group ``group`` (default: the inference workers') has members."""
     from aiokafka.admin import AIOKafkaAdminClient
 
+    from streams.kafka_clients import group_state
+
     group_id = group or settings.app_id
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **settings.kafka_client_options())
     await admin.start()
     try:
-        described = await admin.describe_consumer_groups([group_id])
-        for response in described:
-            for info in response.groups:
-                # (error_code, group_id, state, protocol_type, protocol, members, ...)
-                if info[1] == group_id and info[2] == "Stable" and info[5]:
-                    return True
-        return False
+        state = await group_state(admin, group_id)
+        return state is not None and state[0] == "Stable" and state[1] > 0
     except Exception:
         return False
     finally:

@@ -85,3 +85,14 @@ class OutboxProducer:
             logger.warning(
                 "producer did not stop cleanly within %.0f s: %r", self._stop_timeout_s, exc
             )
+
+
+async def group_state(admin: Any, group_id: str) -> tuple[str, int] | None:
+    """(state, member count) of consumer group ``group_id`` from ``admin`` (a started
+    ``AIOKafkaAdminClient``); None when the broker does not know the group."""
+    for response in await admin.describe_consumer_groups([group_id]):
+        for info in response.groups:
+            # (error_code, group_id, state, protocol_type, protocol, members, ...)
+            if info[1] == group_id and info[2] != "Dead":
+                return str(info[2]), len(info[5])
+    return None

@@ -29,6 +29,7 @@ from connectors.bench.workload import (
 from connectors.client import SluiceClient
 from connectors.processes import WORKER_READY, WorkerProcess, settings_env
 from streams.bootstrap import local_kafka
+from streams.kafka_clients import group_state
 from streams.settings import Settings
 from streams.topics import ensure_topics
 
@@ -170,12 +171,8 @@ async def _wait_group(settings: Settings, members: int, timeout: float) -> bool:
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
             with contextlib.suppress(Exception):
-                for response in await admin.describe_consumer_groups([settings.app_id]):
-                    for group in response.groups:
-                        # (error_code, group_id, state, protocol_type, protocol, members, ...)
-                        if group[1] == settings.app_id and group[2] == "Stable":
-                            if len(group[5]) == members:
-                                return True
+                if await group_state(admin, settings.app_id) == ("Stable", members):
+                    return True
             await asyncio.sleep(0.2)
         return False
     finally:
