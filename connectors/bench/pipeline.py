@@ -426,6 +426,41 @@ def pipeline_phase(
     return out
 
 
+async def tracked_pass(
+    client: Any,
+    progress: Progress,
+    options: BenchOptions,
+    title: str,
+    prompts: Sequence[str],
+    *,
+    tag: str,
+    label: str,
+    engine_label: str,
+    workers: Workers,
+    broker: Broker,
+    rate: float | None = None,
+    concurrency: int | None = None,
+    offsets: Sequence[float] | None = None,
+) -> PipelineRun:
+    """:func:`pipeline_run` of ``prompts`` with its own progress bar titled ``title``."""
+    task = progress.add_task(title, total=len(prompts))
+    return await pipeline_run(
+        client,
+        prompts,
+        tag=tag,
+        max_new_tokens=options.max_new_tokens,
+        rate=rate,
+        concurrency=concurrency,
+        label=label,
+        engine_label=engine_label,
+        workers=workers,
+        stall_timeout_s=options.stall_timeout_s,
+        on_progress=lambda k: progress.update(task, completed=k),
+        broker_pid=broker.pid,
+        offsets=offsets,
+    )
+
+
 async def load_passes(
     client: SluiceClient,
     options: BenchOptions,
@@ -450,20 +485,18 @@ async def load_passes(
         offsets: Sequence[float] | None = None,
         what: str,
     ) -> PipelineRun:
-        task = progress.add_task(f"pipeline load: {name} ({what})", total=n)
-        return await pipeline_run(
+        return await tracked_pass(
             client,
+            progress,
+            options,
+            f"pipeline load: {name} ({what})",
             make_prompts(n, words, options.seed),
             tag=f"{tag}-{name}",
-            max_new_tokens=options.max_new_tokens,
-            rate=None,
-            concurrency=concurrency,
             label=f"load-{name}",
             engine_label=engine_label,
             workers=workers,
-            stall_timeout_s=options.stall_timeout_s,
-            on_progress=lambda k: progress.update(task, completed=k),
-            broker_pid=broker.pid,
+            broker=broker,
+            concurrency=concurrency,
             offsets=offsets,
         )
 
@@ -532,21 +565,18 @@ def ceiling_phase(
         async def passes(client: Any) -> None:
             async def one(name: str, n: int, rate: float | None) -> PipelineRun:
                 what = "as fast as possible" if rate is None else f"at {rate:,.0f} req/s"
-                task = progress.add_task(f"ceiling: {name} ({what})", total=n)
-                prompts = make_prompts(n, prompt_words, options.seed)
-                run = await pipeline_run(
+                run = await tracked_pass(
                     client,
-                    prompts,
+                    progress,
+                    options,
+                    f"ceiling: {name} ({what})",
+                    make_prompts(n, prompt_words, options.seed),
                     tag=f"{tag}-{name}",
-                    max_new_tokens=options.max_new_tokens,
-                    rate=rate,
-                    concurrency=None,
                     label=f"ceiling-{name}",
                     engine_label=BENCHMARK_ENGINE,
                     workers=workers,
-                    stall_timeout_s=options.stall_timeout_s,
-                    on_progress=lambda k: progress.update(task, completed=k),
-                    broker_pid=broker.pid,
+                    broker=broker,
+                    rate=rate,
                 )
                 runs[name] = run
                 return run
