@@ -76,3 +76,17 @@ async def produce_raw(settings: Settings, items: list[tuple[bytes | None, bytes 
             await producer.send_and_wait(settings.requests_topic, value, key=key)
     finally:
         await producer.stop()
+
+
+async def publish_records(
+    settings: Settings, items: list[tuple[str, str, str, dict[str, Any]]]
+) -> None:
+    """Publish ``(topic, key, schema, record)`` items, Avro-encoded, one by one in order."""
+    codec = AvroCodec.default()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for topic, key, schema, record in items:
+            await producer.send_and_wait(topic, codec.encode(schema, record), key=key.encode())
+    finally:
+        await producer.stop()

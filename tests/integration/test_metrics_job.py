@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from connectors.tail import format_line, tail
@@ -20,7 +19,7 @@ from streams.metrics import WorkerMetrics
 from streams.metrics_windows.job import add_metrics_job, decode_state, read_latest, state_topic
 from streams.settings import Settings
 from streams.topics import ensure_topics
-from tests.integration.helpers import read_topic
+from tests.integration.helpers import publish_records, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -50,17 +49,6 @@ def _result(rid: str, t: int, status: str = "OK", total: float = 50.0) -> dict[s
         "worker": "w",
         "created_at": t,
     }
-
-
-async def _publish(settings: Settings, items: list[tuple[str, str, str, dict[str, Any]]]) -> None:
-    codec = AvroCodec.default()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for topic, key, schema, record in items:
-            await producer.send_and_wait(topic, codec.encode(schema, record), key=key.encode())
-    finally:
-        await producer.stop()
 
 
 async def _start_job(settings: Settings) -> Any:
@@ -140,16 +128,16 @@ async def test_windows_counted_once_across_a_restart_and_late_records_corrected(
     ]
     app = await _start_job(settings)
     try:
-        await _publish(settings, first[:8])  # the results
+        await publish_records(settings, first[:8])  # the results
         await _wait_persisted(settings, 8)
     finally:
         await app.stop()  # a restart between the results and the rest
     app = await _start_job(settings)
     try:
-        await _publish(settings, first[8:])
+        await publish_records(settings, first[8:])
         await _wait_persisted(settings, len(first))
         # one record far ahead moves the watermark past the first minute
-        await _publish(
+        await publish_records(
             settings,
             [(settings.results_topic, "push", "InferenceResult", _result("push", base + 70_000))],
         )
@@ -160,7 +148,7 @@ async def test_windows_counted_once_across_a_restart_and_late_records_corrected(
             timeout=30,
         )
         # a record for the closed first window, then another push to close its correction
-        await _publish(
+        await publish_records(
             settings,
             [
                 (settings.results_topic, "late", "InferenceResult", _result("late", base + 3000)),

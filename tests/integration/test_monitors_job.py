@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.codec import AvroCodec
 from streams.metrics_windows.job import decode_state, read_latest_by_key, state_topic
 from streams.metrics_windows.monitoring import parse_monitor_key
 from streams.monitors.power import coding_prompts, general_prompts
 from streams.settings import Settings
 from streams.topics import ensure_topics
-from tests.integration.helpers import read_topic, start_worker
+from tests.integration.helpers import publish_records, read_topic, start_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -122,17 +120,6 @@ def _traffic(
     return requests, results
 
 
-async def _publish(settings: Settings, items: list[tuple[str, str, str, dict[str, Any]]]) -> None:
-    codec = AvroCodec.default()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for topic, key, schema, record in items:
-            await producer.send_and_wait(topic, codec.encode(schema, record), key=key.encode())
-    finally:
-        await producer.stop()
-
-
 async def test_a_shifted_version_is_flagged_and_its_control_is_not(
     settings_factory: Any, tmp_path: Path
 ) -> None:
@@ -176,17 +163,17 @@ async def test_a_shifted_version_is_flagged_and_its_control_is_not(
 
     worker = start_worker(settings, tmp_path, "metrics")
     try:
-        await _publish(settings, requests)
+        await publish_records(settings, requests)
         await _wait_for(port, "sluice_metrics_records_total", len(requests), 60, outcome="requests")
         # the references first (partitions are read in any order: a current result read
         # before a reference one would end up in the reference)
-        await _publish(settings, results[: 2 * REFERENCE])
+        await publish_records(settings, results[: 2 * REFERENCE])
         await _wait_for(port, "sluice_metrics_records_total", 2 * REFERENCE, 60, outcome="results")
-        await _publish(settings, results[2 * REFERENCE :])
+        await publish_records(settings, results[2 * REFERENCE :])
         # every prompt embedded and both versions' tests run on them
         await _wait_for(port, "sluice_monitor_prompts_total", len(results), 120, outcome="embedded")
         # a record far ahead closes the window after the shift
-        await _publish(
+        await publish_records(
             settings,
             [
                 (
