@@ -38,6 +38,7 @@ def build_engine(settings: Settings, registry: Any = None) -> Engine:
             dtype=settings.torch_dtype,
             compile=settings.torch_compile,
             lm_head=settings.torch_lm_head,
+            kernel=settings.torch_kernel,
             max_seq_len=settings.torch_max_seq_len,
             max_batch_tokens=settings.batch_max_tokens,
             max_prefill_tokens=settings.torch_max_prefill_tokens,

@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HEADS = ("exact", "rescored")
+_KERNELS = ("auto", "fused", "transformers")
+_QUANTIZE = ("none", "int8", "int8-weight")
+_RESCORE_K = 8
 _MASK32 = 0xFFFFFFFF
 
 
@@ -96,11 +99,16 @@ class TorchEngine(Engine):
         admit_batch: int = 4,
         admit_wait_steps: int = 4,
         lm_head: str = "exact",
+        kernel: str = "auto",
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, not {dtype!r}")
         if lm_head not in _HEADS:
             raise ValueError(f"lm_head must be one of {_HEADS}, not {lm_head!r}")
+        if kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {_KERNELS}, not {kernel!r}")
+        if quantize not in _QUANTIZE:
+            raise ValueError(f"quantize must be one of {_QUANTIZE}, not {quantize!r}")
         if max_seq_len < 2:
             raise ValueError("max_seq_len must be >= 2")
         self.model_dir = Path(model_dir)
@@ -111,6 +119,8 @@ class TorchEngine(Engine):
         self.max_seq_len = max_seq_len
         self.compile = compile
         self.lm_head = lm_head
+        self.kernel = kernel
+        self.fused: Any = None  # a torch_fused.FusedLlama when the fused forward runs
         self.limits = SchedulerLimits(
             max_slots=max_batch_size,
             max_tokens=max(max_batch_tokens, max_seq_len),
@@ -139,10 +149,23 @@ class TorchEngine(Engine):
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
-        self._loop = _DecodeLoop(self)
-        self._thread = threading.Thread(target=self._loop.run, name="torch-decode", daemon=True)
+        # The model is loaded on the decode thread itself: with torch's OpenMP pool, once
+        # a second thread has run parallel torch work (a load in asyncio.to_thread), every
+        # step on the decode thread ran ~2x slower on 2 cores (12 vs 25-30 ms at batch 1).
+        self._stopping, self._dead = False, None  # an engine can be started again
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="torch-decode", daemon=True
+        )
         self._thread.start()
+        try:
+            await ready
+        except BaseException:  # the load failed, or start() was cancelled
+            self._stopping = True
+            self._wake.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
         warm = GenerationRequest(
             "warm-up",
             "Hi",
@@ -159,6 +182,18 @@ class TorchEngine(Engine):
             self._thread = None
         self._fail_inbox(EngineError("the engine stopped"))
         self._model = None
+
+    def _thread_main(self, ready: asyncio.Future[None]) -> None:
+        """The decode thread: load, build the loop, say so, run it until stopped."""
+        loop = ready.get_loop()
+        try:
+            self._load()
+            self._loop = _DecodeLoop(self)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, ready, exc)
+            return
+        loop.call_soon_threadsafe(_settle, ready, None)
+        self._loop.run()
 
     @property
     def dead_error(self) -> BaseException | None:
@@ -188,21 +223,69 @@ class TorchEngine(Engine):
         self._vocab_size = int(model.config.vocab_size)
         if self.quantize == "int8":
             self._quantize_int8()
+        elif self._use_fused(model.config):
+            self._build_fused(torch)
+        elif self.quantize == "int8-weight":
+            raise EngineError("quantize=int8-weight needs the fused forward (kernel auto/fused)")
         elif self.lm_head == "rescored":
             self._rescore_head(torch)
         self._eos_ids = self._end_token_ids()
         pad = self._tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(self._eos_ids, default=0)
         logger.info(
-            "loaded %s (%s) on %s/%s; end tokens %s; static shapes %s; compile %s",
+            "loaded %s (%s) on %s/%s; forward %s; end tokens %s; static shapes %s; compile %s",
             self.model_name,
             self.model_version,
             self.device,
             self.dtype,
+            "fused" if self.fused is not None else "transformers",
             sorted(self._eos_ids),
             self.static_shapes,
             self.compile or self.device == "cuda",
         )
+
+    def _use_fused(self, config: Any) -> bool:
+        from inference.backends.torch_fused import unsupported_reason
+
+        if self.kernel == "transformers":
+            return False
+        reason = unsupported_reason(config)
+        if reason is None and str(self._model.dtype) == "torch.float16":
+            reason = "float16 weights (the fused forward runs float32, bfloat16 or int8)"
+        if reason is None:
+            return True
+        if self.kernel == "fused":
+            raise EngineError(f"kernel=fused: {reason}")
+        logger.info("the fused forward does not cover this model (%s); using transformers", reason)
+        return False
+
+    def _build_fused(self, torch: Any) -> None:
+        """The hand-written forward (``torch_fused.py``) in the configured weight format;
+        the transformers decoder layers are dropped (their weights live on in the fused
+        copy), the embeddings stay (fp32 rows, and the exact head for rescoring)."""
+        from inference.backends.torch_fused import FusedLlama
+
+        exact_fp32 = self._model.dtype == torch.float32
+        if self.quantize == "int8-weight":
+            if self.device != "cpu":
+                raise EngineError("quantize=int8-weight runs on CPU only")
+            weights = "int8"
+            self.dtype = "int8-weight"
+            self.model_version = f"{self.model_version}+int8w"
+        else:
+            weights = "float32" if exact_fp32 else "bfloat16"
+        rescore = self.lm_head == "rescored" and exact_fp32
+        if self.lm_head == "rescored" and not rescore:
+            logger.info("lm_head=rescored needs fp32 weights to rescore from; kept the exact head")
+            self.lm_head = "exact"
+        self.fused = FusedLlama(
+            self._model,
+            weights=weights,
+            rescore_k=_RESCORE_K if rescore else 0,
+            max_positions=self.max_seq_len,
+            device=self.device,
+        )
+        del self._model.model.layers[:]
 
     def _rescore_head(self, torch: Any) -> None:
         """bf16 output projection with the top-k logits recomputed in fp32
@@ -353,10 +436,11 @@ class _DecodeLoop:
             max_capacity=engine.max_seq_len,
             kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
             head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads),
-            dtype=_cache_dtype(torch, self.model),
+            dtype=engine.fused.cache_dtype if engine.fused else _cache_dtype(torch, self.model),
             device=self.device,
             static=engine.static_shapes,
         )
+        self._lengths: list[int] = []
         self.step = self._build_step()
 
     # -- the thread ----------------------------------------------------------------------
@@ -457,6 +541,13 @@ class _DecodeLoop:
             last.append(len(ids) - 1)
         pos = torch.tensor(positions, device=device)
         seg = torch.tensor(rows, device=device)
+        fused = self.engine.fused
+        if fused is not None:
+            spans = [(end + 1 - s.prompt_len, end + 1) for s, end in zip(seqs, last, strict=True)]
+            ids_t = torch.tensor(ids, device=device)
+            keys, values = self.cache.keys, self.cache.values
+            self._push(seqs, fused.prefill(ids_t, pos, seg, spans, keys, values))
+            return
         mask = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
         self.cache.prepare_prefill(seg, pos)
         out = self.model(
@@ -482,6 +573,7 @@ class _DecodeLoop:
             kv_len = self.cache.capacity
         else:
             width, kv_len = n, max(positions) + 1
+        self._lengths = [p + 1 for p in positions]  # each row's own cache length
         ids = torch.tensor(tokens, device=device)[:, None]
         pos = torch.tensor(positions, device=device)[:, None]
         mask = (torch.arange(kv_len, device=device)[None, :] <= pos)[:, None, None, :]
@@ -489,6 +581,13 @@ class _DecodeLoop:
         self._push(seqs, logits[:n])
 
     def _forward_decode(self, ids: Any, pos: Any, mask: Any, rows: Any) -> Any:
+        fused = self.engine.fused
+        if fused is not None:
+            keys, values = self.cache.keys, self.cache.values
+            # row-by-row attention (batch invariance) is not traced: a compiled step
+            # would recompile for every new set of lengths
+            lengths = None if self.engine.compile else self._lengths
+            return fused.decode(ids[:, 0], pos[:, 0], rows, mask, keys, values, lengths)
         self.cache.prepare_decode(rows, pos[:, 0], mask.shape[-1])
         out = self.model(
             input_ids=ids,
@@ -553,6 +652,15 @@ class _DecodeLoop:
 
     def _decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _hand_back(

@@ -15,8 +15,8 @@ request at a time, concurrent = all of them in one ``generate`` call.
 ``llama_cpp`` as a variant runs the packaged GGUF through the llama.cpp backend (the
 anchor) and prints every figure as a ratio to its batch-1 tokens/s.
 
-All engines are started first, then ``--rounds`` rounds interleave them (each runs each
-load in turn), so a change in machine load hits every engine alike: on a shared machine
+``--rounds`` rounds interleave the engines (each is started, runs each load, and is
+stopped in turn), so a change in machine load hits every engine alike: on a shared machine
 the ratios are the figures to trust. Each variant reports tokens/s (completion tokens /
 wall time) for the two loads and the share of its outputs identical to the reference
 (this engine, fp32, exact head, one at a time).
@@ -63,6 +63,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp32-static": {"dtype": "float32", "static_shapes": True},
     "fp32-rescored": {"dtype": "float32", "lm_head": "rescored"},
     "fp32-rescored-compile": {"dtype": "float32", "lm_head": "rescored", "compile": True},
+    "fp32-transformers": {"dtype": "float32", "kernel": "transformers"},
+    "fp32-rescored-transformers": {
+        "dtype": "float32",
+        "lm_head": "rescored",
+        "kernel": "transformers",
+    },
+    "int8w": {"quantize": "int8-weight", "lm_head": "rescored"},
 }
 
 
@@ -172,13 +179,18 @@ async def run(args: argparse.Namespace) -> list[Figure]:
         )
     totals: dict[tuple[str, str], list[float]] = {}
     texts: dict[tuple[str, str], list[str]] = {}
+    # Each engine runs alone: started, warmed, measured, stopped, round after round. Two
+    # live torch engines in one process each keep an OpenMP team; with more OpenMP threads
+    # than cores libgomp barely spins between parallel regions and every step slows down
+    # (measured ~2x at batch 1 on 2 cores), so live neighbours would skew the figures.
     try:
-        for engine in engines.values():
-            await engine.start()
-            for load in LOADS:  # warm every shape once
-                await measure_round(engine, new_tokens=8, concurrency=args.concurrency, load=load)
         for r in range(args.rounds):
             for name, engine in engines.items():
+                await engine.start()
+                for load in LOADS:  # warm every shape once
+                    await measure_round(
+                        engine, new_tokens=8, concurrency=args.concurrency, load=load
+                    )
                 for load in LOADS:
                     seconds, outs = await measure_round(
                         engine, new_tokens=args.new_tokens, concurrency=args.concurrency, load=load
@@ -194,6 +206,7 @@ async def run(args: argparse.Namespace) -> list[Figure]:
                         f"{tokens / seconds:7.1f} tok/s",
                         flush=True,
                     )
+                await engine.stop()
     finally:
         for engine in engines.values():
             await engine.stop()
