@@ -140,11 +140,12 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, description="Unset: torch's default.")
-    torch_quantize: Literal["none", "int8", "int8-weight"] = Field(
+    torch_quantize: Literal["none", "int8", "int8-weight", "int4-weight"] = Field(
         "none",
-        description="int8-weight: int8 weights, bf16 activations, batch-invariant (CPU, "
-        "fused forward; ~4x fp32's speed at batch 1, greedy outputs differ from fp32's). "
-        "int8: dynamic int8 quantization of the Linear layers (CPU, transformers forward).",
+        description="int8-weight / int4-weight: int8 or grouped int4 weights, bf16 "
+        "activations, batch-invariant (CPU, fused forward; ~4x / ~5x fp32's speed at "
+        "batch 1, greedy outputs differ from fp32's; see the README). int8: dynamic int8 "
+        "quantization of the Linear layers (CPU, transformers forward).",
     )
     torch_kernel: Literal["auto", "fused", "transformers"] = Field(
         "auto",

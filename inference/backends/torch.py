@@ -56,7 +56,8 @@ _END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HEADS = ("exact", "rescored")
 _KERNELS = ("auto", "fused", "transformers")
-_QUANTIZE = ("none", "int8", "int8-weight")
+_QUANTIZE = ("none", "int8", "int8-weight", "int4-weight")
+_WEIGHT_ONLY = {"int8-weight": ("int8", "+int8w"), "int4-weight": ("int4", "+int4w")}
 _RESCORE_K = 8
 _MASK32 = 0xFFFFFFFF
 
@@ -225,8 +226,10 @@ class TorchEngine(Engine):
             self._quantize_int8()
         elif self._use_fused(model.config):
             self._build_fused(torch)
-        elif self.quantize == "int8-weight":
-            raise EngineError("quantize=int8-weight needs the fused forward (kernel auto/fused)")
+        elif self.quantize in _WEIGHT_ONLY:
+            raise EngineError(
+                f"quantize={self.quantize} needs the fused forward (kernel auto or fused)"
+            )
         elif self.lm_head == "rescored":
             self._rescore_head(torch)
         self._eos_ids = self._end_token_ids()
@@ -266,12 +269,12 @@ class TorchEngine(Engine):
         from inference.backends.torch_fused import FusedLlama
 
         exact_fp32 = self._model.dtype == torch.float32
-        if self.quantize == "int8-weight":
+        if self.quantize in _WEIGHT_ONLY:
             if self.device != "cpu":
-                raise EngineError("quantize=int8-weight runs on CPU only")
-            weights = "int8"
-            self.dtype = "int8-weight"
-            self.model_version = f"{self.model_version}+int8w"
+                raise EngineError(f"quantize={self.quantize} runs on CPU only")
+            weights, suffix = _WEIGHT_ONLY[self.quantize]
+            self.dtype = self.quantize
+            self.model_version = f"{self.model_version}{suffix}"
         else:
             weights = "float32" if exact_fp32 else "bfloat16"
         rescore = self.lm_head == "rescored" and exact_fp32

@@ -70,6 +70,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kernel": "transformers",
     },
     "int8w": {"quantize": "int8-weight", "lm_head": "rescored"},
+    "int4w": {"quantize": "int4-weight", "lm_head": "rescored"},
 }
 
 

@@ -11,10 +11,11 @@ ops:
   position-only rope variant matches transformers exactly);
 * attention with ``scaled_dot_product_attention(enable_gqa=True)`` straight on the
   engine's slot cache (:class:`inference.backends.torch.SlotKVCache` tensors);
-* weights in one of three formats: ``float32`` (the reference), ``bfloat16``, or
-  ``int8`` (weight-only, one scale per output channel, bf16 activations, through torch's
+* weights in one of four formats: ``float32`` (the reference), ``bfloat16``, ``int8``
+  (weight-only, one scale per output channel, bf16 activations, through torch's
   ``_weight_int8pack_mm`` CPU kernel): a quarter of fp32's bytes, which is what a batch-1
-  step on CPU is bound by;
+  step on CPU is bound by; or ``int4`` (groups of 64 with a scale and a zero each,
+  ``_weight_int4pack_mm_for_cpu``, the output head kept int8): an eighth;
 * the output projection optionally *rescored*: computed in the low format, then the top-k
   logits of each row recomputed from the fp32 weights (see ``torch_head.py``).
 
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
+INT4_GROUP = 64
 _MODEL_TYPES = ("llama", "mistral", "qwen2")
 _POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -61,15 +63,38 @@ def quantize_int8(weight: Any) -> tuple[Any, Any]:
     return q, scale
 
 
+def quantize_int4(weight: Any, group: int = INT4_GROUP) -> tuple[Any, Any]:
+    """Asymmetric int4 in groups of ``group`` input columns, packed for torch's CPU kernel
+    (``_weight_int4pack_mm_for_cpu``): ``weight ~= (q - 8) * scale + zero`` per group.
+    Returns the packed weight and the ``[K / group, N, 2]`` bf16 scales and zeros."""
+    import torch
+
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"{k} input columns are not a multiple of the group size {group}")
+    w = weight.detach().float().view(n, k // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-8)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    zero = low + 8 * scale
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).contiguous(), 1)
+    return packed, scales_zeros.to(torch.bfloat16)
+
+
 class _Linear:
     """A bias-optional projection in one of :data:`WEIGHT_FORMATS`."""
 
     def __init__(self, weight: Any, bias: Any, fmt: str, act_dtype: Any) -> None:
         import torch
 
+        if fmt == "int4" and weight.shape[1] % INT4_GROUP:
+            fmt = "int8"  # the int4 kernel needs whole groups; int8 takes any shape
         self.fmt = fmt
         self.bias = None if bias is None else bias.detach().to(act_dtype)
-        if fmt == "int8":
+        if fmt == "int4":
+            self.weight, self.scale = quantize_int4(weight)
+        elif fmt == "int8":
             self.weight, scale = quantize_int8(weight)
             self.scale = scale.to(act_dtype)
         else:
@@ -81,7 +106,9 @@ class _Linear:
         import torch
         import torch.nn.functional as F
 
-        if self.scale is not None:
+        if self.fmt == "int4":
+            out = torch._weight_int4pack_mm_for_cpu(x, self.weight, INT4_GROUP, self.scale)
+        elif self.fmt == "int8":
             out = torch._weight_int8pack_mm(x, self.weight, self.scale)
         else:
             out = F.linear(x.to(self.weight.dtype), self.weight)
@@ -114,8 +141,8 @@ class FusedLlama:
     token per row and attends over ``[:rows, :, :kv_len]``.
 
     Formats: ``float32`` keeps transformers' numbers (identical greedy outputs, tested);
-    ``int8`` is batch-invariant (a request's greedy output does not depend on its batch
-    mates, tested); ``bfloat16`` is neither (its matmul at one row differs from its matmul
+    ``int8`` and ``int4`` are batch-invariant (a request's greedy output does not depend on
+    its batch mates, tested); ``bfloat16`` is neither (its matmul at one row differs from its matmul
     at many), which is why it is an option and not a default.
     """
 
@@ -135,8 +162,8 @@ class FusedLlama:
         reason = unsupported_reason(model.config)
         if reason is not None:
             raise ValueError(f"the fused forward does not cover this model: {reason}")
-        if weights == "int8" and device != "cpu":
-            raise ValueError("int8 weights run on CPU only")
+        if weights in ("int8", "int4") and device != "cpu":
+            raise ValueError(f"{weights} weights run on CPU only")
         cfg = model.config
         self.weights = weights
         self.act_dtype = torch.float32 if weights == "float32" else torch.bfloat16
@@ -158,7 +185,11 @@ class FusedLlama:
         head_w = model.lm_head.weight.detach()
         self.rescore_k = rescore_k
         self.exact_head = head_w if rescore_k else None
-        head_fmt = "bfloat16" if weights == "float32" and rescore_k else weights
+        # the head is a quarter of the weights and decides every token: int4 bodies keep
+        # an int8 head (rescored in fp32 where asked)
+        head_fmt = {"float32": "bfloat16" if rescore_k else "float32", "int4": "int8"}.get(
+            weights, weights
+        )
         self.head = _Linear(head_w, None, head_fmt, self.act_dtype)
         self.cos, self.sin = _rope_table(model, max_positions, device, self.attn_dtype)
 
@@ -241,17 +272,16 @@ class FusedLlama:
             values[i][rows, :, positions] = v
             q = q[:, :, None]
             if per_row:
-                out = torch.cat(
-                    [
-                        F.scaled_dot_product_attention(
-                            q[r : r + 1],
-                            keys[i][r : r + 1, :, :n],
-                            values[i][r : r + 1, :, :n],
-                            enable_gqa=KV != H,
-                        )
-                        for r, n in enumerate(lengths)
-                    ]
-                )
+                parts = [
+                    F.scaled_dot_product_attention(
+                        q[r : r + 1],
+                        keys[i][r : r + 1, :, :n],
+                        values[i][r : r + 1, :, :n],
+                        enable_gqa=KV != H,
+                    )
+                    for r, n in enumerate(lengths)
+                ]
+                out = parts[0] if len(parts) == 1 else torch.cat(parts)
             else:
                 out = F.scaled_dot_product_attention(
                     q,
@@ -295,20 +325,22 @@ class FusedLlama:
         return logits.scatter(-1, top, exact)
 
 
-def _rotate(x: Any, cos: Any, sin: Any) -> Any:
-    import torch
-
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def _rotate(x: Any, cos: Any, signed_sin: Any) -> Any:
+    """transformers' ``x * cos + rotate_half(x) * sin`` in fewer ops: ``rotate_half(x)``
+    is ``roll(x, half)`` with the first half negated, and the sign lives in the table
+    (negation is exact, so the numbers are the same)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _rope_table(model: Any, positions: int, device: str, dtype: Any) -> tuple[Any, Any]:
-    """cos/sin for positions ``0..positions-1`` from the model's own rotary module."""
+    """cos and sign-folded sin (see :func:`_rotate`) for positions ``0..positions-1``,
+    from the model's own rotary module."""
     import torch
 
     rotary = model.model.rotary_emb
     pos = torch.arange(positions, device=device)[None]
     probe = torch.zeros(1, dtype=torch.float32, device=device)
     cos, sin = rotary(probe, pos)
+    half = sin.shape[-1] // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     return cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()

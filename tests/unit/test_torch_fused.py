@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from inference.backends.torch import TorchEngine
-from inference.backends.torch_fused import quantize_int8, unsupported_reason
+from inference.backends.torch_fused import quantize_int4, quantize_int8, unsupported_reason
 from inference.errors import EngineError
 from tests.unit.engine_contract import FRANCE, PROMPTS, STORY, request, run_batch, run_one
 
@@ -112,6 +112,38 @@ def test_quantize_int8_is_per_channel_and_close() -> None:
     assert q.dtype == torch.int8 and scale.shape == (64,)
     err = (q.float() * scale[:, None] - w).abs().amax(dim=1)
     assert bool((err <= scale / 2 + 1e-12).all())  # at most half a step, in every row
+
+
+async def test_int4_weights_are_batch_invariant_and_say_so(model_dir: Path) -> None:
+    eng = TorchEngine(
+        model_dir, model_name="m", model_version="v", quantize="int4-weight", lm_head="rescored"
+    )
+    await eng.start()
+    try:
+        assert eng.model_version == "v+int4w" and eng.fused is not None
+        assert {layer.qkv.fmt for layer in eng.fused.layers} == {"int4"}
+        assert eng.fused.head.fmt == "int8"  # the head stays int8
+        prompts = [*PROMPTS, STORY, LONG]
+        reqs = [request(eng, p, rid=f"i{i}", max_new_tokens=32) for i, p in enumerate(prompts)]
+        singles = [(await run_one(eng, r)).text for r in reqs]
+        assert all(t.strip() for t in singles)
+        assert [c.text for c in await run_batch(eng, reqs + reqs)] == singles + singles
+    finally:
+        await eng.stop()
+
+
+def test_quantize_int4_reconstructs_within_half_a_step() -> None:
+    import torch
+
+    w = torch.randn(128, 192)
+    packed, scales_zeros = quantize_int4(w)
+    assert scales_zeros.shape == (192 // 64, 128, 2)
+    x = torch.eye(192).to(torch.bfloat16)  # x @ W^T = W^T: the kernel de-quantizes for us
+    back = torch._weight_int4pack_mm_for_cpu(x, packed, 64, scales_zeros).float().T
+    step = scales_zeros[..., 0].float().T.repeat_interleave(64, dim=1)  # [128, 192]
+    assert bool(((back - w).abs() <= step * 0.5 + 0.02 * w.abs() + 1e-2).all())
+    with pytest.raises(ValueError, match="group"):
+        quantize_int4(torch.randn(8, 100))
 
 
 def _config(**over: object) -> SimpleNamespace:
