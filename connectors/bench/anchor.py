@@ -4,6 +4,7 @@ engine in the same run, one at a time and concurrent."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,12 @@ def anchor_engine_settings(settings: Settings) -> dict[str, Settings]:
     reference and the configured engine (when it is neither)."""
     engines: dict[str, Settings] = {}
     if importlib.util.find_spec("llama_cpp") is not None:
-        engines[ANCHOR_ENGINE] = settings.model_copy(update={"backend": "llama_cpp"})
+        # the same cores as the torch engines get (torch's default: every usable core),
+        # not the llama_cpp backend's cautious default of half of them
+        threads = settings.llama_threads or settings.torch_threads or len(os.sched_getaffinity(0))
+        engines[ANCHOR_ENGINE] = settings.model_copy(
+            update={"backend": "llama_cpp", "llama_threads": threads}
+        )
     engines[REFERENCE_ENGINE] = settings.model_copy(
         update={"backend": "torch", "torch_quantize": "none", "device": "cpu"}
         | ({"torch_dtype": "float32"} if "torch_dtype" in type(settings).model_fields else {})

@@ -14,7 +14,7 @@ ops:
 * weights in one of four formats: ``float32`` (the reference), ``bfloat16``, ``int8``
   (weight-only, one scale per output channel, bf16 activations, through torch's
   ``_weight_int8pack_mm`` CPU kernel): a quarter of fp32's bytes, which is what a batch-1
-  step on CPU is bound by; or ``int4`` (groups of 64 with a scale and a zero each,
+  step on CPU is bound by; or ``int4`` (groups of 32 with a scale and a zero each, as GGUF Q4_1,
   ``_weight_int4pack_mm_for_cpu``, the output head kept int8): an eighth;
 * the output projection optionally *rescored*: computed in the low format, then the top-k
   logits of each row recomputed from the fp32 weights (see ``torch_head.py``).
@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
-INT4_GROUP = 64
+INT4_GROUP = 32
 _MODEL_TYPES = ("llama", "mistral", "qwen2")
 _POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -185,11 +185,14 @@ class FusedLlama:
         head_w = model.lm_head.weight.detach()
         self.rescore_k = rescore_k
         self.exact_head = head_w if rescore_k else None
-        # the head is a quarter of the weights and decides every token: int4 bodies keep
-        # an int8 head (rescored in fp32 where asked)
-        head_fmt = {"float32": "bfloat16" if rescore_k else "float32", "int4": "int8"}.get(
-            weights, weights
-        )
+        # The head is a quarter of the weights and decides every token. Rescored, its
+        # top-k are redone in fp32, so a coarse head only has to keep the best token in
+        # its top-k; unrescored, an int4 body keeps an int8 head.
+        head_fmt = weights
+        if weights == "float32" and rescore_k:
+            head_fmt = "bfloat16"
+        elif weights == "int4" and not rescore_k:
+            head_fmt = "int8"
         self.head = _Linear(head_w, None, head_fmt, self.act_dtype)
         self.cos, self.sin = _rope_table(model, max_positions, device, self.attn_dtype)
 

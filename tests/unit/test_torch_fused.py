@@ -122,7 +122,7 @@ async def test_int4_weights_are_batch_invariant_and_say_so(model_dir: Path) -> N
     try:
         assert eng.model_version == "v+int4w" and eng.fused is not None
         assert {layer.qkv.fmt for layer in eng.fused.layers} == {"int4"}
-        assert eng.fused.head.fmt == "int8"  # the head stays int8
+        assert eng.fused.head.fmt == "int4" and eng.fused.rescore_k == 8
         prompts = [*PROMPTS, STORY, LONG]
         reqs = [request(eng, p, rid=f"i{i}", max_new_tokens=32) for i, p in enumerate(prompts)]
         singles = [(await run_one(eng, r)).text for r in reqs]
@@ -137,13 +137,13 @@ def test_quantize_int4_reconstructs_within_half_a_step() -> None:
 
     w = torch.randn(128, 192)
     packed, scales_zeros = quantize_int4(w)
-    assert scales_zeros.shape == (192 // 64, 128, 2)
+    assert scales_zeros.shape == (192 // 32, 128, 2)
     x = torch.eye(192).to(torch.bfloat16)  # x @ W^T = W^T: the kernel de-quantizes for us
-    back = torch._weight_int4pack_mm_for_cpu(x, packed, 64, scales_zeros).float().T
-    step = scales_zeros[..., 0].float().T.repeat_interleave(64, dim=1)  # [128, 192]
+    back = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros).float().T
+    step = scales_zeros[..., 0].float().T.repeat_interleave(32, dim=1)  # [128, 192]
     assert bool(((back - w).abs() <= step * 0.5 + 0.02 * w.abs() + 1e-2).all())
     with pytest.raises(ValueError, match="group"):
-        quantize_int4(torch.randn(8, 100))
+        quantize_int4(torch.randn(8, 100))  # 100 columns: not whole groups of 32
 
 
 def _config(**over: object) -> SimpleNamespace:
