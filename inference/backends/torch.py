@@ -443,7 +443,6 @@ class _DecodeLoop:
             device=self.device,
             static=engine.static_shapes,
         )
-        self._lengths: list[int] = []
         self.step = self._build_step()
 
     # -- the thread ----------------------------------------------------------------------
@@ -576,7 +575,6 @@ class _DecodeLoop:
             kv_len = self.cache.capacity
         else:
             width, kv_len = n, max(positions) + 1
-        self._lengths = [p + 1 for p in positions]  # each row's own cache length
         ids = torch.tensor(tokens, device=device)[:, None]
         pos = torch.tensor(positions, device=device)[:, None]
         mask = (torch.arange(kv_len, device=device)[None, :] <= pos)[:, None, None, :]
@@ -587,10 +585,7 @@ class _DecodeLoop:
         fused = self.engine.fused
         if fused is not None:
             keys, values = self.cache.keys, self.cache.values
-            # row-by-row attention (batch invariance) is not traced: a compiled step
-            # would recompile for every new set of lengths
-            lengths = None if self.engine.compile else self._lengths
-            return fused.decode(ids[:, 0], pos[:, 0], rows, mask, keys, values, lengths)
+            return fused.decode(ids[:, 0], pos[:, 0], rows, mask, keys, values)
         self.cache.prepare_decode(rows, pos[:, 0], mask.shape[-1])
         out = self.model(
             input_ids=ids,
@@ -612,6 +607,11 @@ class _DecodeLoop:
 
             return cuda_step
         if self.engine.compile:
+            if self.engine.fused is not None and self.engine.fused.batch_invariant:
+                # row-by-row attention is not traced (a compiled step would recompile for
+                # every new set of lengths): compiled, the fused step attends batched
+                logger.info("compile: batched attention; greedy output may vary with batch")
+                self.engine.fused.batch_invariant = False
             return torch.compile(self._forward_decode, dynamic=not self.cache.static)
         return self._forward_decode
 

@@ -221,12 +221,9 @@ class FusedLlama:
 
         T = ids.shape[0]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        x = self.embed[ids].to(self.act_dtype)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        x, rope = self._embed(ids, positions)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, T, cos, sin)
-            keys[i][rows, :, positions] = k
-            values[i][rows, :, positions] = v
+            q, k, v = self._project(layer, x, rope, keys[i], values[i], rows, positions)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
             out = torch.cat(
                 [
@@ -253,28 +250,22 @@ class FusedLlama:
         mask: Any,
         keys: list,
         values: list,
-        lengths: list[int] | None = None,
     ) -> Any:
         """One token per row: ``ids``/``positions``/``rows``: [B]; ``mask``: [B, 1, 1, L]
         (True = attend; L = the attended cache length). Returns [B, vocab].
 
-        With :attr:`batch_invariant` and ``lengths`` (each row's own cache length),
-        attention runs row by row over exactly that length, so a row's numbers are the
-        ones it would get alone."""
+        With :attr:`batch_invariant`, attention runs row by row over exactly that row's
+        own length (``position + 1``), so a row's numbers are the ones it would get alone."""
         import torch
         import torch.nn.functional as F
 
         B, L = ids.shape[0], mask.shape[-1]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        per_row = self.batch_invariant and lengths is not None
-        x = self.embed[ids].to(self.act_dtype)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        lengths = (positions + 1).tolist() if self.batch_invariant else None
+        x, rope = self._embed(ids, positions)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, B, cos, sin)
-            keys[i][rows, :, positions] = k
-            values[i][rows, :, positions] = v
-            q = q[:, :, None]
-            if per_row:
+            q = self._project(layer, x, rope, keys[i], values[i], rows, positions)[0][:, :, None]
+            if lengths is not None:
                 parts = [
                     F.scaled_dot_product_attention(
                         q[r : r + 1],
@@ -297,15 +288,34 @@ class FusedLlama:
         return self._logits(x)
 
     # -- pieces ------------------------------------------------------------------------
-    def _qkv(self, layer: _Layer, x: Any, n: int, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+    def _embed(self, ids: Any, positions: Any) -> tuple[Any, tuple[Any, Any]]:
+        """The tokens' embeddings and their rope rows (cos, signed sin)."""
+        x = self.embed[ids].to(self.act_dtype)
+        return x, (self.cos[positions][:, None], self.sin[positions][:, None])
+
+    def _project(
+        self,
+        layer: _Layer,
+        x: Any,
+        rope: tuple[Any, Any],
+        layer_keys: Any,
+        layer_values: Any,
+        rows: Any,
+        positions: Any,
+    ) -> tuple[Any, Any, Any]:
+        """q, k and v of ``x`` (one token per row of ``x``), rope applied; k and v are
+        also written into the layer's cache at ``[rows, :, positions]``."""
         import torch.nn.functional as F
 
+        n = x.shape[0]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         qkv = layer.qkv(F.rms_norm(x, (x.shape[-1],), layer.norm_in, self.eps))
         qkv = qkv.to(self.attn_dtype)
-        qk = _rotate(qkv[:, : (H + KV) * D].view(n, H + KV, D), cos, sin)  # q and k at once
-        v = qkv[:, (H + KV) * D :].view(n, KV, D)
-        return qk[:, :H], qk[:, H:], v
+        qk = _rotate(qkv[:, : (H + KV) * D].view(n, H + KV, D), *rope)  # q and k at once
+        k, v = qk[:, H:], qkv[:, (H + KV) * D :].view(n, KV, D)
+        layer_keys[rows, :, positions] = k
+        layer_values[rows, :, positions] = v
+        return qk[:, :H], k, v
 
     def _rest(self, layer: _Layer, x: Any, attn: Any) -> Any:
         import torch.nn.functional as F
@@ -318,14 +328,13 @@ class FusedLlama:
     def _logits(self, x: Any) -> Any:
         import torch.nn.functional as F
 
+        from inference.backends.torch_head import rescore_top_k
+
         hidden = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)
         logits = self.head(hidden).float()
         if not self.rescore_k:
             return logits
-        top = logits.topk(self.rescore_k, dim=-1).indices  # [n, k]
-        rows = self.exact_head[top]  # [n, k, hidden] fp32
-        exact = (rows @ hidden.float().unsqueeze(-1)).squeeze(-1)
-        return logits.scatter(-1, top, exact)
+        return rescore_top_k(logits, hidden, self.exact_head, self.rescore_k)
 
 
 def _rotate(x: Any, cos: Any, signed_sin: Any) -> Any:

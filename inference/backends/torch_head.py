@@ -38,9 +38,15 @@ def rescored_head(linear: Any, k: int = 8) -> Any:
 
         def forward(self, hidden: Any) -> Any:
             logits = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.approx).float()
-            top = logits.topk(self.k, dim=-1).indices  # [..., k]
-            rows = self.exact[top]  # [..., k, hidden]
-            exact = (rows @ hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1)
-            return logits.scatter(-1, top, exact.to(logits.dtype))
+            return rescore_top_k(logits, hidden, self.exact, self.k)
 
     return RescoredHead()
+
+
+def rescore_top_k(logits: Any, hidden: Any, exact_weight: Any, k: int) -> Any:
+    """``logits`` (from an approximate head) with each row's ``k`` best recomputed from
+    ``exact_weight`` (vocabulary x hidden) and ``hidden`` in the weight's precision."""
+    top = logits.topk(k, dim=-1).indices  # [..., k]
+    rows = exact_weight[top]  # [..., k, hidden]
+    exact = (rows @ hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1)
+    return logits.scatter(-1, top, exact.to(logits.dtype))
